@@ -1,0 +1,528 @@
+//! [`Handover`]: the handle an app starts from.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
+
+use nix::sys::signal::Signal;
+use tokio::signal::unix::SignalKind;
+use tracing::{debug, info, warn};
+
+use crate::drain::{Drain, DrainReport, Stop, Watch};
+use crate::error::{Error, Result};
+use crate::listen::{BindOptions, Registry};
+use crate::options::Options;
+use crate::{notify, protocol, sys};
+
+/// Where the upgrade state machine is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum State {
+    /// Serving; an upgrade may start.
+    Serving,
+    /// An upgrade is running.
+    Upgrading,
+    /// Replaced or told to stop: draining.
+    Stopping,
+}
+
+pub(crate) struct Inner {
+    pub(crate) options: Options,
+    pub(crate) generation: u64,
+    pub(crate) supervisor: Option<i32>,
+    pub(crate) notify_socket: Option<String>,
+    /// Set when a previous generation started us.
+    ready_fd: Mutex<Option<OwnedFd>>,
+    pub(crate) registry: Mutex<Registry>,
+    /// The executable for upgrades, or why there is none.
+    pub(crate) executable: std::result::Result<PathBuf, String>,
+    pub(crate) argv: Vec<OsString>,
+    /// The environment at start-up, protocol variables removed.
+    pub(crate) env: Vec<(OsString, OsString)>,
+    pub(crate) cwd: Option<PathBuf>,
+    pub(crate) state: Mutex<State>,
+    pub(crate) drain: Drain,
+    ready_done: AtomicBool,
+    started: Instant,
+}
+
+/// The handle an app starts from: it hands out listeners, takes the app's
+/// readiness, runs upgrades and tells the app when to stop accepting.
+///
+/// Cheap to clone; all clones are the same handle.
+///
+/// # Lifecycle
+/// 1. [`Handover::new`], first thing in `main`;
+/// 2. listeners by name: [`tcp`](Handover::tcp), [`unix`](Handover::unix),
+///    [`udp`](Handover::udp), [`fd`](Handover::fd);
+/// 3. [`ready`](Handover::ready) once the app can serve;
+/// 4. serve until [`stopping`](Handover::stopping) resolves, tracking work
+///    with the [`Watch`] from [`watch`](Handover::watch);
+/// 5. drop the listeners, then [`drain`](Handover::drain) and return from `main`.
+#[derive(Clone)]
+pub struct Handover {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Handover {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handover")
+            .field("generation", &self.inner.generation)
+            .field("pid", &std::process::id())
+            .field("state", &*self.inner.state())
+            .finish()
+    }
+}
+
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere while holding one of our locks leaves plain data
+    // behind; carry on with it rather than panic again.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Inner {
+    pub(crate) fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+}
+
+/// Resolves the executable for upgrades: absolute, symlinks kept.
+fn resolve_executable(
+    explicit: Option<&Path>,
+    argv0: Option<&OsString>,
+    cwd: Option<&Path>,
+    path_var: Option<&OsString>,
+) -> std::result::Result<PathBuf, String> {
+    let absolute = |p: &Path| -> std::result::Result<PathBuf, String> {
+        let joined = if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            cwd.map(|c| c.join(p)).ok_or_else(|| {
+                format!(
+                    "{} is relative and the working directory is unknown",
+                    p.display()
+                )
+            })?
+        };
+        // Drops `.` components only: `..` and symlinks stay as they are, so
+        // the path is looked up afresh at each upgrade.
+        Ok(joined.components().collect())
+    };
+    if let Some(path) = explicit {
+        return absolute(path);
+    }
+    let argv0 = argv0.filter(|a| !a.is_empty()).ok_or("argv[0] is empty")?;
+    let path = Path::new(argv0);
+    if path.as_os_str().as_encoded_bytes().contains(&b'/') {
+        return absolute(path);
+    }
+    // A bare name was found through PATH by whoever started us.
+    let dirs = path_var.ok_or_else(|| format!("argv[0] {path:?} has no '/' and PATH is unset"))?;
+    for dir in std::env::split_paths(dirs) {
+        let candidate = dir.join(path);
+        if candidate.is_file() {
+            return absolute(&candidate);
+        }
+    }
+    Err(format!("argv[0] {path:?} is not found in PATH"))
+}
+
+impl Handover {
+    /// Reads the protocol from the environment, adopts the sockets passed to
+    /// this process, and prepares upgrades. Call it first thing in `main`,
+    /// best before starting the Tokio runtime (see *Environment* below).
+    ///
+    /// # Errors
+    /// [`Error::Protocol`] when a protocol variable is malformed,
+    /// [`Error::InheritedFd`] when a passed fd is not open or the ready fd is
+    /// not a pipe, [`Error::AlreadyCreated`] on a second call.
+    ///
+    /// # Environment
+    /// The protocol variables are removed from the process environment so
+    /// that the app's own children do not inherit them, but only while the
+    /// process is single-threaded (changing the environment races with other
+    /// threads reading it). Created inside a running multi-threaded runtime,
+    /// the variables stay (a warning says so); they are harmless there,
+    /// because `LISTEN_PID` names this process and every passed fd is
+    /// close-on-exec, but a clean environment needs `Handover::new` before
+    /// the runtime starts.
+    pub fn new(options: Options) -> Result<Handover> {
+        let own_pid = std::process::id() as i32;
+        let mut protocol_vars = HashMap::new();
+        let mut env = Vec::new();
+        for (key, value) in std::env::vars_os() {
+            match key.to_str() {
+                Some(k) if protocol::VARIABLES.contains(&k) => {
+                    let Some(v) = value.to_str() else {
+                        let variable = protocol::VARIABLES
+                            .iter()
+                            .find(|v| **v == k)
+                            .copied()
+                            .unwrap_or("?");
+                        return Err(Error::protocol(
+                            variable,
+                            &value.to_string_lossy(),
+                            "not valid UTF-8",
+                        ));
+                    };
+                    protocol_vars.insert(k.to_owned(), v.to_owned());
+                }
+                _ => env.push((key, value)),
+            }
+        }
+        let parsed = protocol::parse(&protocol_vars, own_pid)?;
+        if !sys::take_inherited_once() {
+            return Err(Error::AlreadyCreated);
+        }
+        if let Some(pid) = parsed.foreign_listen_pid {
+            debug!(
+                listen_pid = pid,
+                "LISTEN_PID names another process; nothing inherited"
+            );
+        }
+        let mut inherited = Vec::with_capacity(parsed.fds.len());
+        for (name, fd) in parsed.fds {
+            let owned = sys::adopt(fd, &name)?;
+            inherited.push((name, owned));
+        }
+        let ready_fd = match parsed.ready_fd {
+            Some(fd) => {
+                let owned = sys::adopt(fd, protocol::READY_FD)?;
+                match sys::is_pipe(owned.as_fd()) {
+                    Ok(true) => Some(owned),
+                    Ok(false) => {
+                        return Err(Error::InheritedFd {
+                            name: protocol::READY_FD.to_owned(),
+                            fd,
+                            problem: "is not a pipe".to_owned(),
+                        })
+                    }
+                    Err(e) => return Err(Error::io("inspecting the ready fd", e)),
+                }
+            }
+            None => None,
+        };
+        if !protocol_vars.is_empty() && !sys::remove_env(&protocol::VARIABLES) {
+            warn!(
+                "Handover::new ran with other threads alive: the protocol variables stay in \
+                 the environment of this process (harmless: LISTEN_PID names this process and \
+                 every passed fd is close-on-exec); create the Handover before the runtime \
+                 to remove them"
+            );
+        }
+        if let Some(kind) = options.upgrade_signal {
+            if let Ok(signal) = Signal::try_from(kind.as_raw_value()) {
+                sys::ignore_if_default(signal)
+                    .map_err(|e| Error::io("ignoring the upgrade signal until ready", e))?;
+            }
+        }
+        let argv: Vec<OsString> = std::env::args_os().collect();
+        let cwd = std::env::current_dir().ok();
+        let path_var = env
+            .iter()
+            .find(|(k, _)| k == "PATH")
+            .map(|(_, v)| v.clone());
+        let executable = resolve_executable(
+            options.executable.as_deref(),
+            argv.first(),
+            cwd.as_deref(),
+            path_var.as_ref(),
+        );
+        if own_pid == 1 && parsed.supervisor.is_none() {
+            warn!(
+                "running as PID 1 without the handover supervisor: a self-upgrade would end \
+                 the container when this process exits; use `handover run -- <app>` as the \
+                 entrypoint instead"
+            );
+        }
+        info!(
+            generation = parsed.generation,
+            pid = own_pid,
+            inherited = inherited.len(),
+            supervised = parsed.supervisor.is_some(),
+            "handover started"
+        );
+        Ok(Handover {
+            inner: Arc::new(Inner {
+                options,
+                generation: parsed.generation,
+                supervisor: parsed.supervisor,
+                notify_socket: parsed.notify_socket,
+                ready_fd: Mutex::new(ready_fd),
+                registry: Mutex::new(Registry::new(inherited)),
+                executable,
+                argv,
+                env,
+                cwd,
+                state: Mutex::new(State::Serving),
+                drain: Drain::new(),
+                ready_done: AtomicBool::new(false),
+                started: Instant::now(),
+            }),
+        })
+    }
+
+    /// This process's generation: 1 for the first, one more at each upgrade.
+    pub fn generation(&self) -> u64 {
+        self.inner.generation
+    }
+
+    /// Whether `handover run` supervises this process (it then owns upgrades).
+    pub fn is_supervised(&self) -> bool {
+        self.inner.supervisor.is_some()
+    }
+
+    fn bind_options(&self) -> BindOptions {
+        BindOptions {
+            backlog: self.inner.options.backlog,
+            reuseport: self.inner.options.reuseport,
+        }
+    }
+
+    fn runtime(operation: &'static str) -> Result<()> {
+        tokio::runtime::Handle::try_current()
+            .map(|_| ())
+            .map_err(|_| Error::NoRuntime { operation })
+    }
+
+    /// A TCP listener named `name` on `addr`: the inherited one when a
+    /// previous generation passed it, bound here otherwise (`SO_REUSEADDR`,
+    /// the configured backlog). Port 0 in `addr` matches whatever port was
+    /// inherited.
+    ///
+    /// # Errors
+    /// [`Error::ListenerMismatch`] when the socket inherited under `name` is
+    /// not a listening TCP socket on `addr`; [`Error::Bind`],
+    /// [`Error::DuplicateName`], [`Error::NoRuntime`].
+    pub fn tcp(&self, name: &str, addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+        Self::runtime("Handover::tcp")?;
+        let std = lock(&self.inner.registry).tcp(name, addr, self.bind_options())?;
+        tokio::net::TcpListener::from_std(std)
+            .map_err(|e| Error::io("registering a TCP listener with Tokio", e))
+    }
+
+    /// A Unix stream listener named `name` at `path`, inherited or bound. A
+    /// stale socket file left by a dead process is replaced. The path is
+    /// removed only on a final stop, never at an upgrade.
+    ///
+    /// # Errors
+    /// As [`Handover::tcp`].
+    pub fn unix(&self, name: &str, path: impl AsRef<Path>) -> Result<tokio::net::UnixListener> {
+        Self::runtime("Handover::unix")?;
+        let std = lock(&self.inner.registry).unix(name, path.as_ref(), self.bind_options())?;
+        tokio::net::UnixListener::from_std(std)
+            .map_err(|e| Error::io("registering a unix listener with Tokio", e))
+    }
+
+    /// A UDP socket named `name` on `addr`, inherited or bound. Both
+    /// generations read from the same socket during an upgrade; datagrams
+    /// are never lost to a closed socket, but either may receive one.
+    ///
+    /// # Errors
+    /// As [`Handover::tcp`].
+    pub fn udp(&self, name: &str, addr: SocketAddr) -> Result<tokio::net::UdpSocket> {
+        Self::runtime("Handover::udp")?;
+        let std = lock(&self.inner.registry).udp(name, addr, self.bind_options())?;
+        tokio::net::UdpSocket::from_std(std)
+            .map_err(|e| Error::io("registering a UDP socket with Tokio", e))
+    }
+
+    /// Any other fd to pass from generation to generation by name (a
+    /// memfd with state, a socket of a kind not covered above): the inherited
+    /// one, or the one `create` makes when nothing was passed. It is
+    /// close-on-exec, and passed on at each upgrade.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when `create` fails, [`Error::DuplicateName`].
+    pub fn fd(
+        &self,
+        name: &str,
+        create: impl FnOnce() -> std::io::Result<OwnedFd>,
+    ) -> Result<OwnedFd> {
+        lock(&self.inner.registry).fd(name, create)
+    }
+
+    /// Says that this generation can serve. Call it once the listeners are
+    /// taken and the app is initialised. It
+    /// - installs the upgrade and stop signal handlers;
+    /// - closes inherited fds that this version did not ask for;
+    /// - tells the previous generation (which then stops accepting and drains);
+    /// - sends `READY=1` to `NOTIFY_SOCKET` when there is one, with
+    ///   `MAINPID=<this pid>` when a previous generation started us, so that
+    ///   systemd follows the new main process.
+    ///
+    /// Calling it again does nothing.
+    ///
+    /// # Errors
+    /// [`Error::NoRuntime`] outside a Tokio runtime; [`Error::Io`] when the
+    /// previous generation or `NOTIFY_SOCKET` cannot be told.
+    pub fn ready(&self) -> Result<()> {
+        Self::runtime("Handover::ready")?;
+        if self.inner.ready_done.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        crate::upgrade::install_signal_handlers(self)?;
+        lock(&self.inner.registry).close_unclaimed();
+        let pid = std::process::id();
+        let from_parent = lock(&self.inner.ready_fd).take();
+        let had_parent = from_parent.is_some();
+        if let Some(fd) = from_parent {
+            let mut pipe = std::fs::File::from(fd);
+            std::io::Write::write_all(&mut pipe, b"1")
+                .map_err(|e| Error::io("telling the previous generation we are ready", e))?;
+        }
+        if let Some(socket) = &self.inner.notify_socket {
+            let message = if had_parent {
+                format!(
+                    "READY=1\nMAINPID={pid}\nSTATUS=generation {} serving",
+                    self.inner.generation
+                )
+            } else {
+                format!(
+                    "READY=1\nSTATUS=generation {} serving",
+                    self.inner.generation
+                )
+            };
+            notify::send(socket, &message).map_err(|e| Error::io("notifying NOTIFY_SOCKET", e))?;
+        }
+        info!(
+            generation = self.inner.generation,
+            pid,
+            startup_ms = self.inner.started.elapsed().as_millis() as u64,
+            "ready"
+        );
+        Ok(())
+    }
+
+    /// A view of the stop signal that also tracks in-flight work; clone it
+    /// into connection tasks.
+    pub fn watch(&self) -> Watch {
+        self.inner.drain.watch()
+    }
+
+    /// Resolves when this generation must stop accepting: a new generation
+    /// is ready ([`Stop::Upgraded`]) or a final stop was asked for
+    /// ([`Stop::Shutdown`]). Cancel-safe.
+    pub async fn stopping(&self) -> Stop {
+        self.watch().stopping().await
+    }
+
+    /// Starts a final stop, as SIGTERM does: [`stopping`](Handover::stopping)
+    /// resolves with [`Stop::Shutdown`] and `STOPPING=1` goes to
+    /// `NOTIFY_SOCKET`. An upgrade that is running is abandoned (its new
+    /// generation killed). Does nothing when already stopping.
+    pub fn shutdown(&self) {
+        *self.inner.state() = State::Stopping;
+        if self.inner.drain.stop(Stop::Shutdown) {
+            info!(
+                generation = self.inner.generation,
+                pid = std::process::id(),
+                "final stop requested"
+            );
+            if let Some(socket) = &self.inner.notify_socket {
+                if let Err(e) = notify::send(socket, "STOPPING=1") {
+                    warn!(error = %e, "cannot send STOPPING=1 to NOTIFY_SOCKET");
+                }
+            }
+        }
+    }
+
+    /// Waits for in-flight work (live guards of [`Watch`]) to finish, at most
+    /// the drain timeout, and reports. Starts a final stop first if nothing
+    /// has stopped this generation yet. On a final stop, the paths of Unix
+    /// listeners are removed afterwards. Then return from `main`.
+    ///
+    /// Drop your listeners before calling it: the sockets stay open in the
+    /// new generation (and in this handle until the process exits), so no
+    /// queued connection is lost.
+    pub async fn drain(&self) -> DrainReport {
+        if !self.watch().is_stopping() {
+            self.shutdown();
+        }
+        let reason = self.stopping().await;
+        let generation = self.inner.generation;
+        let watch = self.watch();
+        info!(
+            generation,
+            in_flight = watch.in_flight(),
+            timeout_ms = self.inner.options.drain_timeout.as_millis() as u64,
+            "drain started"
+        );
+        let report = self
+            .inner
+            .drain
+            .wait(self.inner.options.drain_timeout)
+            .await;
+        if report.completed {
+            info!(
+                generation,
+                in_flight = report.cut,
+                duration_ms = report.elapsed.as_millis() as u64,
+                "drain complete"
+            );
+        } else {
+            warn!(
+                generation,
+                in_flight = report.cut,
+                duration_ms = report.elapsed.as_millis() as u64,
+                "drain timeout reached; cutting the remaining work"
+            );
+        }
+        if reason == Stop::Shutdown {
+            lock(&self.inner.registry).unlink_unix_paths();
+        }
+        report
+    }
+
+    /// Whether this process would start upgrades itself, and why not.
+    pub(crate) fn check_can_upgrade(&self) -> Result<()> {
+        if self.inner.supervisor.is_some() {
+            return Err(Error::Supervised);
+        }
+        Ok(())
+    }
+
+    /// Signal kinds to handle: upgrade, then stops.
+    pub(crate) fn signal_kinds(&self) -> (Option<SignalKind>, Vec<SignalKind>) {
+        (
+            self.inner.options.upgrade_signal,
+            self.inner.options.stop_signals.clone(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn executable_is_absolute_and_not_resolved() {
+        let cwd = Path::new("/srv/app");
+        let r = resolve_executable(None, Some(&"bin/server".into()), Some(cwd), None);
+        assert_eq!(r.unwrap(), Path::new("/srv/app/bin/server"));
+        let r = resolve_executable(None, Some(&"/opt/current/server".into()), Some(cwd), None);
+        assert_eq!(r.unwrap(), Path::new("/opt/current/server"));
+        let r = resolve_executable(Some(Path::new("next")), Some(&"/x".into()), Some(cwd), None);
+        assert_eq!(r.unwrap(), Path::new("/srv/app/next"));
+        // A bare name is looked up in PATH, like the shell did.
+        let r = resolve_executable(
+            None,
+            Some(&"sh".into()),
+            Some(cwd),
+            Some(&"/nonexistent:/bin".into()),
+        );
+        assert_eq!(r.unwrap(), Path::new("/bin/sh"));
+        assert!(resolve_executable(
+            None,
+            Some(&"no-such-binary-xyz".into()),
+            Some(cwd),
+            Some(&"/bin".into())
+        )
+        .is_err());
+        assert!(resolve_executable(None, Some(&"".into()), Some(cwd), None).is_err());
+    }
+}

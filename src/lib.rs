@@ -1,0 +1,66 @@
+//! Zero-downtime upgrades for network servers.
+//!
+//! `handover` lets a server replace itself with the version now on disk
+//! without refusing or resetting a single connection. On SIGHUP it starts the
+//! new binary beside the running one and hands it the very same listening
+//! sockets (fd inheritance, so the kernel's accept queue is shared and
+//! nothing queued is lost). Traffic moves once the new generation says it is
+//! ready; the old one then stops accepting, finishes its in-flight work and
+//! exits. If the new one crashes, hangs or cannot start, the old one simply
+//! keeps serving.
+//!
+//! ```no_run
+//! use handover::{Handover, Options};
+//! use tokio::io::AsyncWriteExt;
+//!
+//! fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     // First thing: read what a previous generation passed us.
+//!     let handover = Handover::new(Options::default())?;
+//!     tokio::runtime::Runtime::new()?.block_on(async {
+//!         let listener = handover.tcp("echo", "127.0.0.1:7000".parse()?)?;
+//!         handover.ready()?; // the previous generation, if any, now drains
+//!         let watch = handover.watch();
+//!         loop {
+//!             tokio::select! {
+//!                 conn = listener.accept() => {
+//!                     let (mut stream, _) = conn?;
+//!                     tokio::spawn(watch.track(async move {
+//!                         let _ = stream.write_all(b"hello\n").await;
+//!                     }));
+//!                 }
+//!                 _ = handover.stopping() => break, // upgraded, or SIGTERM
+//!             }
+//!         }
+//!         drop(listener); // stop accepting; the socket lives on in the next generation
+//!         handover.drain().await; // in-flight work, up to the drain timeout
+//!         Ok(())
+//!     })
+//! }
+//! ```
+//!
+//! The crate speaks systemd's socket activation (`LISTEN_FDS`,
+//! `LISTEN_FDNAMES`, `LISTEN_PID`) and `sd_notify` (`READY=1`, `MAINPID=`,
+//! `STOPPING=1`), so the same binary also runs under systemd socket units and
+//! under the `handover run` container entrypoint. See the README for the
+//! protocol, systemd unit files and limitations.
+
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+#[cfg(not(target_os = "linux"))]
+compile_error!("handover supports Linux only (it relies on pidfds, SCM_CREDENTIALS and /proc)");
+
+mod drain;
+mod error;
+mod handover;
+mod listen;
+mod notify;
+mod options;
+pub mod protocol;
+mod sys;
+mod upgrade;
+
+pub use crate::drain::{DrainReport, Graceful, Guard, Stop, Tracked, TrackedStream, Watch};
+pub use crate::error::{Error, Result};
+pub use crate::handover::Handover;
+pub use crate::options::Options;
+pub use crate::upgrade::Upgraded;

@@ -1,0 +1,438 @@
+//! The unsafe edge: adopting inherited fds, fork and exec, pidfds, signal
+//! dispositions. Everything else in the crate is safe code.
+//!
+//! Code between `fork` and `exec` (see [`spawn`]) is async-signal-safe: the
+//! whole argv, environment and fd layout are prepared before forking, and the
+//! child only calls `sigprocmask`, `signal`, `getpid`, `chdir`, `dup2`,
+//! `execve`, `write` and `_exit`.
+
+use std::ffi::{CString, OsStr};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+use nix::sys::signal::Signal;
+use nix::sys::stat::{fstat, SFlag};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use tokio::io::unix::AsyncFd;
+
+use crate::error::{Error, Result};
+
+/// Set once the inherited fds of this process have been taken: they can be
+/// owned only once.
+static INHERITED_TAKEN: AtomicBool = AtomicBool::new(false);
+
+/// Marks the inherited fds as taken; false when they already were.
+pub(crate) fn take_inherited_once() -> bool {
+    !INHERITED_TAKEN.swap(true, Ordering::SeqCst)
+}
+
+/// Takes ownership of an fd number passed by the process that started us,
+/// after checking that it is open, and marks it close-on-exec at once so that
+/// nothing we start inherits it.
+///
+/// Callers must call this at most once per fd number, and only for numbers the
+/// protocol assigned to this process (`LISTEN_PID` matched), guarded by
+/// [`take_inherited_once`].
+pub(crate) fn adopt(fd: RawFd, name: &str) -> Result<OwnedFd> {
+    let bad = |problem: String| Error::InheritedFd {
+        name: name.to_owned(),
+        fd,
+        problem,
+    };
+    // SAFETY: F_GETFD only reads the flags of the number; it is harmless on a
+    // closed or foreign number and tells us whether it is open.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(bad(format!("is not open ({})", io::Error::last_os_error())));
+    }
+    // SAFETY: the fd is open (checked above), it was passed to this process by
+    // the protocol, and `take_inherited_once` guarantees nothing else in this
+    // process takes ownership of it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    set_cloexec(owned.as_fd()).map_err(|e| bad(format!("cannot be set close-on-exec: {e}")))?;
+    Ok(owned)
+}
+
+/// Sets close-on-exec on an fd.
+pub(crate) fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
+    fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
+    Ok(())
+}
+
+/// What an fd is, in words, when it is not a socket (`None` for a socket).
+pub(crate) fn non_socket_kind(fd: BorrowedFd<'_>) -> io::Result<Option<&'static str>> {
+    let stat = fstat(fd)?;
+    let kind = SFlag::from_bits_truncate(stat.st_mode & SFlag::S_IFMT.bits());
+    Ok(match kind {
+        SFlag::S_IFSOCK => None,
+        SFlag::S_IFREG => Some("a regular file"),
+        SFlag::S_IFDIR => Some("a directory"),
+        SFlag::S_IFIFO => Some("a pipe"),
+        SFlag::S_IFCHR => Some("a character device"),
+        SFlag::S_IFBLK => Some("a block device"),
+        SFlag::S_IFLNK => Some("a symbolic link"),
+        _ => Some("not a socket"),
+    })
+}
+
+/// Whether an fd is a pipe (FIFO).
+pub(crate) fn is_pipe(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    let stat = fstat(fd)?;
+    Ok(SFlag::from_bits_truncate(stat.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFIFO)
+}
+
+/// Duplicates an fd to a number at least `min`, close-on-exec.
+pub(crate) fn dup_above(fd: BorrowedFd<'_>, min: RawFd) -> io::Result<OwnedFd> {
+    let raw = fcntl(fd, FcntlArg::F_DUPFD_CLOEXEC(min))?;
+    // SAFETY: F_DUPFD_CLOEXEC just returned this new fd; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Whether this process has exactly one thread, so that changing the
+/// environment cannot race with anyone reading it.
+pub(crate) fn single_threaded() -> bool {
+    std::fs::read_dir("/proc/self/task")
+        .map(|dir| dir.count() == 1)
+        .unwrap_or(false)
+}
+
+/// Removes variables from the process environment, so that the app's own
+/// children do not inherit them. Only done while the process is
+/// single-threaded; returns whether it was done.
+pub(crate) fn remove_env(vars: &[&str]) -> bool {
+    if !single_threaded() {
+        return false;
+    }
+    for var in vars {
+        // This process has one thread (checked just above, and only that
+        // thread could start another), so no other thread can read the
+        // environment while it changes.
+        std::env::remove_var(var);
+    }
+    true
+}
+
+/// Sets a signal's disposition to ignore if it is still the default, so that
+/// a signal arriving before the handlers are installed does not kill the
+/// process (SIGHUP's default action is to terminate).
+pub(crate) fn ignore_if_default(signal: Signal) -> io::Result<()> {
+    let sig = signal as libc::c_int;
+    // SAFETY: a zeroed sigaction is a valid out-parameter.
+    let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: a null new action only queries the current one into `old`.
+    if unsafe { libc::sigaction(sig, std::ptr::null(), &mut old) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if old.sa_sigaction == libc::SIG_DFL {
+        // SAFETY: SIG_IGN is a valid disposition for any catchable signal; a
+        // handler installed later (by Tokio) replaces it.
+        if unsafe { libc::signal(sig, libc::SIG_IGN) } == libc::SIG_ERR {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Width reserved for the digits of `LISTEN_PID`, filled in after `fork`.
+const PID_DIGITS: usize = 20;
+
+/// A fully prepared `execve`: nothing in it allocates after `fork`.
+pub(crate) struct Exec {
+    path: CString,
+    argv: Vec<CString>,
+    /// `KEY=VALUE\0` entries; the `LISTEN_PID` one has a zeroed slot of
+    /// `PID_DIGITS` bytes after the `=`.
+    env: Vec<Vec<u8>>,
+    listen_pid_entry: Option<usize>,
+    cwd: Option<CString>,
+}
+
+fn cstring(bytes: &[u8], what: &str) -> io::Result<CString> {
+    CString::new(bytes).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{what} contains a NUL byte"),
+        )
+    })
+}
+
+impl Exec {
+    /// Prepares the exec of `path` with `argv` (including `argv[0]`), the
+    /// given environment, and a `LISTEN_PID` set to the child's own pid when
+    /// `listen_pid` is true.
+    pub(crate) fn new<'a>(
+        path: &OsStr,
+        argv: impl IntoIterator<Item = &'a OsStr>,
+        env: impl IntoIterator<Item = (&'a OsStr, &'a OsStr)>,
+        listen_pid: bool,
+        cwd: Option<&OsStr>,
+    ) -> io::Result<Self> {
+        let path = cstring(path.as_bytes(), "the executable path")?;
+        let argv = argv
+            .into_iter()
+            .map(|a| cstring(a.as_bytes(), "an argument"))
+            .collect::<io::Result<Vec<_>>>()?;
+        let mut entries = Vec::new();
+        for (key, value) in env {
+            if key.as_bytes().contains(&b'=') || key.is_empty() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "an environment variable name is empty or contains '='",
+                ));
+            }
+            let mut entry = Vec::with_capacity(key.len() + value.len() + 2);
+            entry.extend_from_slice(key.as_bytes());
+            entry.push(b'=');
+            entry.extend_from_slice(value.as_bytes());
+            // Checks for interior NULs, then keeps the bytes with their NUL.
+            entries.push(cstring(&entry, "an environment variable")?.into_bytes_with_nul());
+        }
+        let listen_pid_entry = listen_pid.then(|| {
+            let mut entry = b"LISTEN_PID=".to_vec();
+            entry.resize(entry.len() + PID_DIGITS + 1, 0);
+            entries.push(entry);
+            entries.len() - 1
+        });
+        let cwd = cwd
+            .map(|c| cstring(c.as_bytes(), "the working directory"))
+            .transpose()?;
+        Ok(Exec {
+            path,
+            argv,
+            env: entries,
+            listen_pid_entry,
+            cwd,
+        })
+    }
+}
+
+/// Writes `value` in decimal at `dst` followed by a NUL. Async-signal-safe.
+///
+/// # Safety
+/// `dst` must be valid for writes of `PID_DIGITS + 1` bytes.
+unsafe fn write_decimal(dst: *mut u8, value: u32) {
+    let mut digits = [0u8; PID_DIGITS];
+    let mut n = value;
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (n % 10) as u8;
+        len += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for i in 0..len {
+        // SAFETY: i < len <= PID_DIGITS, within the caller's buffer.
+        unsafe { *dst.add(i) = digits[len - 1 - i] };
+    }
+    // SAFETY: len <= PID_DIGITS, and the buffer holds PID_DIGITS + 1 bytes.
+    unsafe { *dst.add(len) = 0 };
+}
+
+/// Reports `errno` on the exec-error pipe and exits. Async-signal-safe.
+fn child_fail(err_fd: RawFd) -> ! {
+    // SAFETY: errno is thread-local and readable anywhere.
+    let errno = unsafe { *libc::__errno_location() };
+    let bytes = errno.to_ne_bytes();
+    // SAFETY: `bytes` is a live buffer of 4 bytes; `_exit` is always safe to
+    // call and skips atexit handlers and stdio flushing, as a forked child must.
+    unsafe {
+        libc::write(err_fd, bytes.as_ptr().cast(), bytes.len());
+        libc::_exit(127)
+    }
+}
+
+/// Forks and execs `exec`, with `fds[i]` at fd `3 + i` in the child (close-on-exec
+/// cleared there) and everything else close-on-exec as it is. Returns once
+/// the child has exec'd, or the reason it could not.
+pub(crate) fn spawn(mut exec: Exec, fds: &[BorrowedFd<'_>]) -> io::Result<Child> {
+    let first = crate::protocol::FIRST_FD;
+    let above = first + fds.len() as RawFd;
+    // Every source is moved above the target range first, so no dup2 in the
+    // child can overwrite a source it still needs, and no dup2 is a no-op
+    // (dup2(fd, fd) would leave close-on-exec set).
+    let high: Vec<OwnedFd> = fds
+        .iter()
+        .map(|fd| dup_above(*fd, above))
+        .collect::<io::Result<_>>()?;
+    let high_raw: Vec<RawFd> = high.iter().map(AsRawFd::as_raw_fd).collect();
+    let (err_read, err_write_low) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let err_write = dup_above(err_write_low.as_fd(), above)?;
+    // Only the high copy may stay open: the parent reads until every write
+    // end is closed.
+    drop(err_write_low);
+    let err_raw = err_write.as_raw_fd();
+
+    let argv_ptrs: Vec<*const libc::c_char> = exec
+        .argv
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let env_ptrs: Vec<*mut libc::c_char> = exec
+        .env
+        .iter_mut()
+        .map(|e| e.as_mut_ptr().cast())
+        .chain(std::iter::once(std::ptr::null_mut()))
+        .collect();
+    let pid_slot: *mut u8 = match exec.listen_pid_entry {
+        // "LISTEN_PID=" is 11 bytes; the slot of PID_DIGITS + 1 bytes follows.
+        // SAFETY: the entry was made 11 + PID_DIGITS + 1 bytes long in `Exec::new`.
+        Some(i) => unsafe { env_ptrs[i].cast::<u8>().add(11) },
+        None => std::ptr::null_mut(),
+    };
+    let cwd_ptr = exec.cwd.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
+    let path_ptr = exec.path.as_ptr();
+    // SAFETY: a zeroed sigset_t is valid storage, sigemptyset initialises it.
+    let mut empty_mask: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `empty_mask` is valid storage for a signal set.
+    unsafe { libc::sigemptyset(&mut empty_mask) };
+
+    // SAFETY: the child branch below runs only async-signal-safe calls on
+    // memory prepared before the fork (pointers into `exec`, `high_raw`,
+    // `empty_mask`), which stays alive until the parent returns, and ends in
+    // execve or _exit; it never returns into Rust code.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pid == 0 {
+        // SAFETY: see above: only async-signal-safe calls from here to exec.
+        unsafe {
+            libc::sigprocmask(libc::SIG_SETMASK, &empty_mask, std::ptr::null_mut());
+            for sig in 1..=64 {
+                if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                    libc::signal(sig, libc::SIG_DFL);
+                }
+            }
+            if !pid_slot.is_null() {
+                write_decimal(pid_slot, libc::getpid() as u32);
+            }
+            if !cwd_ptr.is_null() && libc::chdir(cwd_ptr) != 0 {
+                child_fail(err_raw);
+            }
+            for (i, &src) in high_raw.iter().enumerate() {
+                if libc::dup2(src, first + i as RawFd) < 0 {
+                    child_fail(err_raw);
+                }
+            }
+            libc::execve(path_ptr, argv_ptrs.as_ptr(), env_ptrs.as_ptr().cast());
+            child_fail(err_raw);
+        }
+    }
+
+    drop(err_write);
+    drop(high);
+    let mut buf = [0u8; 4];
+    let mut got = 0;
+    let mut file = std::fs::File::from(err_read);
+    while got < buf.len() {
+        match io::Read::read(&mut file, &mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let mut child = Child::new(pid);
+    if got == buf.len() {
+        // exec failed: the child has exited with 127; reap it.
+        let _ = waitpid(Pid::from_raw(pid), None);
+        child.status = Some(WaitStatus::Exited(Pid::from_raw(pid), 127));
+        return Err(io::Error::from_raw_os_error(i32::from_ne_bytes(buf)));
+    }
+    Ok(child)
+}
+
+/// A child process we started and must reap.
+pub(crate) struct Child {
+    pid: i32,
+    pidfd: Option<AsyncFd<OwnedFd>>,
+    status: Option<WaitStatus>,
+}
+
+fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the syscall returned a new fd (close-on-exec by definition of
+    // pidfd_open) that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+impl Child {
+    fn new(pid: i32) -> Self {
+        // Without pidfds (Linux < 5.3) `wait` falls back to polling.
+        let pidfd = pidfd_open(pid).ok().and_then(|fd| {
+            // SAFETY: the AsyncFd owns the OwnedFd, which stays open and is
+            // neither replaced nor closed for as long as it is registered.
+            unsafe { AsyncFd::register(fd) }.ok()
+        });
+        Child {
+            pid,
+            pidfd,
+            status: None,
+        }
+    }
+
+    /// The child's pid.
+    pub(crate) fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Reaps the child if it has exited.
+    pub(crate) fn try_wait(&mut self) -> io::Result<Option<WaitStatus>> {
+        if self.status.is_some() {
+            return Ok(self.status);
+        }
+        match waitpid(Pid::from_raw(self.pid), Some(WaitPidFlag::WNOHANG))? {
+            WaitStatus::StillAlive => Ok(None),
+            status @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..)) => {
+                self.status = Some(status);
+                Ok(Some(status))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Waits until the child exits, and reaps it.
+    pub(crate) async fn wait(&mut self) -> io::Result<WaitStatus> {
+        loop {
+            if let Some(status) = self.try_wait()? {
+                return Ok(status);
+            }
+            match &self.pidfd {
+                Some(fd) => {
+                    let mut guard = fd.readable().await?;
+                    guard.clear_ready();
+                }
+                None => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            }
+        }
+    }
+
+    /// Sends a signal, unless the child was already reaped (its pid may then
+    /// belong to someone else).
+    pub(crate) fn signal(&self, signal: Signal) -> io::Result<()> {
+        if self.status.is_some() {
+            return Ok(());
+        }
+        nix::sys::signal::kill(Pid::from_raw(self.pid), signal)?;
+        Ok(())
+    }
+}
+
+/// Describes how a process ended, in words.
+pub(crate) fn describe(status: WaitStatus) -> String {
+    match status {
+        WaitStatus::Exited(_, code) => format!("exited with status {code}"),
+        WaitStatus::Signaled(_, signal, _) => format!("was killed by {}", signal.as_str()),
+        other => format!("changed state ({other:?})"),
+    }
+}
