@@ -10,7 +10,10 @@
 //!
 //! Prints `ready pid=<pid> generation=<n> addr=<addr>` on stdout once ready.
 //! Options: `--listen ADDR` (default 127.0.0.1:8080, port 0 allowed),
-//! `--ready-timeout-ms N` (60000), `--drain-timeout-ms N` (30000).
+//! `--ready-timeout-ms N` (60000), `--drain-timeout-ms N` (30000),
+//! `--child-probe` (enables `GET /child`, which runs
+//! `/bin/sh -c 'ls -l /proc/$$/fd; env'` and returns what it printed: it shows
+//! that the app's own children inherit none of handover's fds or variables).
 //!
 //! Draining keeps every request: HTTP/1 responses get `Connection: close`
 //! once the generation is stopping, so clients reconnect (to the new
@@ -39,6 +42,7 @@ const IDLE_GRACE: Duration = Duration::from_millis(500);
 
 struct Args {
     listen: SocketAddr,
+    child_probe: bool,
     ready_timeout: Duration,
     drain_timeout: Duration,
 }
@@ -46,6 +50,7 @@ struct Args {
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         listen: "127.0.0.1:8080".parse().expect("literal address"),
+        child_probe: false,
         ready_timeout: Duration::from_secs(60),
         drain_timeout: Duration::from_secs(30),
     };
@@ -65,6 +70,7 @@ fn parse_args() -> Result<Args, String> {
                     .map_err(|_| format!("--listen: {v:?} is not an IP:PORT address"))?;
             }
             "--ready-timeout-ms" => args.ready_timeout = ms(value()?)?,
+            "--child-probe" => args.child_probe = true,
             "--drain-timeout-ms" => args.drain_timeout = ms(value()?)?,
             other => return Err(format!("unknown option {other:?}")),
         }
@@ -94,10 +100,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .ready_timeout(args.ready_timeout)
             .drain_timeout(args.drain_timeout),
     )?;
-    tokio::runtime::Runtime::new()?.block_on(serve(handover, args.listen))
+    tokio::runtime::Runtime::new()?.block_on(serve(handover, args.listen, args.child_probe))
 }
 
-async fn serve(handover: Handover, listen: SocketAddr) -> Result<(), Box<dyn std::error::Error>> {
+async fn serve(
+    handover: Handover,
+    listen: SocketAddr,
+    child_probe: bool,
+) -> Result<(), Box<dyn std::error::Error>> {
     let listener = handover.tcp("http", listen)?;
     let addr = listener.local_addr()?;
     let pid = std::process::id();
@@ -126,7 +136,9 @@ async fn serve(handover: Handover, listen: SocketAddr) -> Result<(), Box<dyn std
                 };
                 let _ = stream.set_nodelay(true);
                 let service_watch = watch.clone();
-                let service = service_fn(move |req| respond(req, service_watch.clone(), pid, generation));
+                let service = service_fn(move |req| {
+                    respond(req, service_watch.clone(), pid, generation, child_probe)
+                });
                 let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
                 let conn = watch.graceful(conn, IDLE_GRACE, |conn| conn.graceful_shutdown());
                 tokio::spawn(async move {
@@ -152,6 +164,7 @@ async fn respond(
     watch: Watch,
     pid: u32,
     generation: u64,
+    child_probe: bool,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let body = format!("pid={pid} generation={generation}");
     let mut response = match req.uri().path() {
@@ -168,6 +181,16 @@ async fn respond(
                     Response::new(Full::new(Bytes::from(body)))
                 }
                 None => status(StatusCode::BAD_REQUEST, "slow needs ?ms=N\n"),
+            }
+        }
+        "/child" if child_probe => {
+            let output = tokio::process::Command::new("/bin/sh")
+                .args(["-c", "ls -l /proc/$$/fd; env"])
+                .output()
+                .await;
+            match output {
+                Ok(out) => Response::new(Full::new(Bytes::from(out.stdout))),
+                Err(_) => status(StatusCode::INTERNAL_SERVER_ERROR, "cannot run /bin/sh\n"),
             }
         }
         _ => status(StatusCode::NOT_FOUND, "not found\n"),
