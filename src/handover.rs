@@ -47,6 +47,9 @@ pub(crate) struct Inner {
     pub(crate) state: Mutex<State>,
     pub(crate) drain: Drain,
     ready_done: AtomicBool,
+    /// Set once a new generation is ready on our sockets, even if a final
+    /// stop raced with it: its Unix socket paths must then stay.
+    pub(crate) replaced: AtomicBool,
     started: Instant,
 }
 
@@ -261,6 +264,7 @@ impl Handover {
                 state: Mutex::new(State::Serving),
                 drain: Drain::new(),
                 ready_done: AtomicBool::new(false),
+                replaced: AtomicBool::new(false),
                 started: Instant::now(),
             }),
         })
@@ -472,7 +476,7 @@ impl Handover {
                 "drain timeout reached; cutting the remaining work"
             );
         }
-        if reason == Stop::Shutdown {
+        if reason == Stop::Shutdown && !self.inner.replaced.load(Ordering::SeqCst) {
             lock(&self.inner.registry).unlink_unix_paths();
         }
         report

@@ -171,16 +171,18 @@ impl Registry {
     /// socket of that name, an unnamed one (systemd without
     /// `FileDescriptorName=`) that matches exactly.
     fn claim(&mut self, name: &str, want: &Want<'_>) -> Result<Option<OwnedFd>> {
-        if let Some(slot) = self
-            .inherited
-            .iter_mut()
-            .find(|(n, fd)| n == name && fd.is_some())
-        {
-            let fd = slot.1.take().expect("checked is_some above");
+        let named = self.inherited.iter_mut().find_map(|(n, slot)| {
+            if n == name {
+                slot.take().map(|fd| (slot, fd))
+            } else {
+                None
+            }
+        });
+        if let Some((slot, fd)) = named {
             if !check(fd.as_fd(), want) {
                 let inherited = describe(fd.as_fd());
-                // Put it back: a later upgrade still passes it on.
-                slot.1 = Some(fd);
+                // Put it back: it is closed as unclaimed at `ready`.
+                *slot = Some(fd);
                 return Err(Error::ListenerMismatch {
                     name: name.to_owned(),
                     inherited,
