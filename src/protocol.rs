@@ -156,11 +156,7 @@ pub fn parse(env: &HashMap<String, String>, own_pid: i32) -> Result<Parsed> {
         }
     };
     // `count <= MAX_FDS`, so the fd numbers fit in an i32.
-    parsed.fds = names
-        .into_iter()
-        .zip(FIRST_FD..)
-        .map(|(name, fd)| (name, fd))
-        .collect();
+    parsed.fds = names.into_iter().zip(FIRST_FD..).collect();
 
     if let Some(text) = get(READY_FD) {
         let fd: RawFd = number(READY_FD, text)?;

@@ -1,0 +1,116 @@
+//! Shared process-level test harness: `mod common;` in an integration test.
+//!
+//! - [`example_path`]: builds the examples once per test binary and locates one.
+//! - [`ServerProcess`] (in `proc`): a server under test in its own process group, its ready
+//!   lines, signals, exits of every generation, cleanup on drop; `/proc` helpers
+//!   ([`zombies`], [`fd_count`], ...).
+//! - [`load`]: an HTTP/1.1 load client that counts every failure by class.
+//! - [`wait_for`] / [`poll_until`] / [`Deadline`]: every wait has a deadline and says what it
+//!   waited for.
+#![allow(dead_code)]
+
+pub mod load;
+pub mod proc;
+pub mod wait;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+// Not every test binary uses every helper.
+#[allow(unused_imports)]
+pub use self::proc::{
+    all_processes, become_subreaper, children_of, fd_count, fd_targets, is_alive, proc_stat,
+    zombies, Exit, ProcStat, Ready, ServerProcess, EXIT_TIMEOUT, READY_TIMEOUT,
+};
+#[allow(unused_imports)]
+pub use self::wait::{poll_until, wait_for, wait_until, Deadline, Poll};
+#[allow(unused_imports)]
+pub use nix::sys::signal::Signal;
+#[allow(unused_imports)]
+pub use nix::unistd::Pid;
+
+/// Path of example `name`, built (once per test binary, with `cargo build --examples`) in the
+/// target directory and profile this test binary was built in. Panics with cargo's output if
+/// the build fails, or if the example does not exist.
+pub fn example_path(name: &str) -> PathBuf {
+    static EXAMPLES_DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let dir = match EXAMPLES_DIR.get_or_init(build_examples) {
+        Ok(dir) => dir,
+        Err(e) => panic!("{e}"),
+    };
+    let path = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        path.is_file(),
+        "example `{name}` not found at {} after `cargo build --examples`",
+        path.display()
+    );
+    path
+}
+
+/// Runs `cargo build --examples` for this crate with the profile, target directory and target
+/// triple of the running test binary, which lives in `<target-dir>[/<triple>]/<profile-dir>/deps/`.
+/// Returns `<...>/<profile-dir>/examples`.
+fn build_examples() -> Result<PathBuf, String> {
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.current_dir(manifest_dir)
+        .args(["build", "--examples", "--manifest-path"])
+        .arg(manifest_dir.join("Cargo.toml"));
+
+    let layout = exe
+        .parent()
+        .filter(|deps| deps.file_name().is_some_and(|n| n == "deps"))
+        .and_then(Path::parent);
+    let examples_dir = match layout {
+        Some(profile_dir) => {
+            match profile_dir.file_name().and_then(|n| n.to_str()) {
+                Some("debug") => {}
+                Some("release") => {
+                    cmd.arg("--release");
+                }
+                Some(other) => {
+                    cmd.args(["--profile", other]);
+                }
+                None => return Err(format!("odd test binary path {}", exe.display())),
+            }
+            let mut target_dir = profile_dir
+                .parent()
+                .ok_or_else(|| format!("odd test binary path {}", exe.display()))?;
+            // With `--target <triple>` the layout is <target-dir>/<triple>/<profile-dir>; the
+            // target dir root is the one holding CACHEDIR.TAG.
+            if !target_dir.join("CACHEDIR.TAG").exists() {
+                if let Some(root) = target_dir
+                    .parent()
+                    .filter(|root| root.join("CACHEDIR.TAG").exists())
+                {
+                    let triple = target_dir.file_name().expect("triple dir has a name");
+                    cmd.arg("--target").arg(triple);
+                    target_dir = root;
+                }
+            }
+            cmd.arg("--target-dir").arg(target_dir);
+            profile_dir.join("examples")
+        }
+        None => {
+            // Not the usual layout (a test runner that moved the binary): default target dir.
+            let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| manifest_dir.join("target"));
+            cmd.arg("--target-dir").arg(&target_dir);
+            target_dir.join("debug").join("examples")
+        }
+    };
+
+    let output = cmd.output().map_err(|e| format!("running {cmd:?}: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "{cmd:?} failed with {}:\n{}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    Ok(examples_dir)
+}
