@@ -114,3 +114,68 @@ fn build_examples() -> Result<PathBuf, String> {
     }
     Ok(examples_dir)
 }
+
+/// A directory of its own for one test, removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates `<tmp>/handover-<tag>-<pid>-<n>`.
+    pub fn new(tag: &str) -> TempDir {
+        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let path = std::env::temp_dir().join(format!("handover-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create a per-test temp dir");
+        TempDir(path)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// What a deploy puts at the path a server was started from.
+pub enum Deploy<'a> {
+    /// A copy of this executable.
+    Binary(&'a Path),
+    /// A shell script with this body.
+    Script(&'a str),
+    /// Nothing: the file is removed.
+    Missing,
+    /// A copy of this executable without execute permission.
+    NotExecutable(&'a Path),
+}
+
+/// Replaces `target` the way a deploy does: write beside it, then rename
+/// over it (so a running binary is never written to).
+pub fn deploy(target: &Path, what: Deploy<'_>) {
+    use std::os::unix::fs::PermissionsExt;
+    let staging = target.with_extension("deploying");
+    let mode = match what {
+        Deploy::Binary(src) => {
+            std::fs::copy(src, &staging).expect("copy the binary");
+            0o755
+        }
+        Deploy::Script(body) => {
+            std::fs::write(&staging, format!("#!/bin/sh\n{body}\n")).expect("write a script");
+            0o755
+        }
+        Deploy::NotExecutable(src) => {
+            std::fs::copy(src, &staging).expect("copy the binary");
+            0o644
+        }
+        Deploy::Missing => {
+            let _ = std::fs::remove_file(target);
+            return;
+        }
+    };
+    std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    std::fs::rename(&staging, target).expect("rename into place");
+}
