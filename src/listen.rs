@@ -74,7 +74,7 @@ fn describe(fd: BorrowedFd<'_>) -> String {
 
 fn describe_addr(addr: &SockAddr) -> String {
     if let Some(inet) = addr.as_socket() {
-        return format!("tcp/udp {inet}");
+        return inet.to_string();
     }
     match addr.as_pathname() {
         Some(path) => format!("unix {}", path.display()),
