@@ -79,7 +79,9 @@ impl Handover {
             }
             let result = self.run_upgrade().await;
             if result.is_ok() {
-                self.inner.replaced.store(true, std::sync::atomic::Ordering::SeqCst);
+                self.inner
+                    .replaced
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
             }
             {
                 let mut state = self.inner.state();
