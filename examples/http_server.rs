@@ -13,7 +13,10 @@
 //! `--ready-timeout-ms N` (60000), `--drain-timeout-ms N` (30000),
 //! `--child-probe` (enables `GET /child`, which runs
 //! `/bin/sh -c 'ls -l /proc/$$/fd; env'` and returns what it printed: it shows
-//! that the app's own children inherit none of handover's fds or variables).
+//! that the app's own children inherit none of handover's fds or variables),
+//! `--upgrade-endpoint` (enables `POST /upgrade`, a programmatic upgrade
+//! that answers with its outcome: `upgraded pid=.. generation=.. ready_ms=..`,
+//! or 500 and the reason).
 //!
 //! Draining keeps every request: HTTP/1 responses get `Connection: close`
 //! once the generation is stopping, so clients reconnect (to the new
@@ -23,6 +26,7 @@
 use std::convert::Infallible;
 use std::io::Write;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -31,7 +35,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONNECTION};
 use hyper::service::service_fn;
-use hyper::{Request, Response, StatusCode, Version};
+use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tracing::{info, warn};
@@ -43,6 +47,7 @@ const IDLE_GRACE: Duration = Duration::from_millis(500);
 struct Args {
     listen: SocketAddr,
     child_probe: bool,
+    upgrade_endpoint: bool,
     ready_timeout: Duration,
     drain_timeout: Duration,
 }
@@ -51,6 +56,7 @@ fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         listen: "127.0.0.1:8080".parse().expect("literal address"),
         child_probe: false,
+        upgrade_endpoint: false,
         ready_timeout: Duration::from_secs(60),
         drain_timeout: Duration::from_secs(30),
     };
@@ -71,6 +77,7 @@ fn parse_args() -> Result<Args, String> {
             }
             "--ready-timeout-ms" => args.ready_timeout = ms(value()?)?,
             "--child-probe" => args.child_probe = true,
+            "--upgrade-endpoint" => args.upgrade_endpoint = true,
             "--drain-timeout-ms" => args.drain_timeout = ms(value()?)?,
             other => return Err(format!("unknown option {other:?}")),
         }
@@ -107,14 +114,21 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             .ready_timeout(args.ready_timeout)
             .drain_timeout(args.drain_timeout),
     )?;
-    tokio::runtime::Runtime::new()?.block_on(serve(handover, args.listen, args.child_probe))
+    tokio::runtime::Runtime::new()?.block_on(serve(handover, args))
 }
 
-async fn serve(
+/// What a request handler knows.
+struct App {
     handover: Handover,
-    listen: SocketAddr,
+    watch: Watch,
+    pid: u32,
+    generation: u64,
     child_probe: bool,
-) -> Result<(), Box<dyn std::error::Error>> {
+    upgrade_endpoint: bool,
+}
+
+async fn serve(handover: Handover, args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let listen = args.listen;
     let listener = handover.tcp("http", listen)?;
     let addr = listener.local_addr()?;
     let pid = std::process::id();
@@ -127,6 +141,14 @@ async fn serve(
     }
 
     let watch = handover.watch();
+    let app = Arc::new(App {
+        handover: handover.clone(),
+        watch: watch.clone(),
+        pid,
+        generation,
+        child_probe: args.child_probe,
+        upgrade_endpoint: args.upgrade_endpoint,
+    });
     let builder = auto::Builder::new(TokioExecutor::new());
     loop {
         tokio::select! {
@@ -142,10 +164,8 @@ async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let service_watch = watch.clone();
-                let service = service_fn(move |req| {
-                    respond(req, service_watch.clone(), pid, generation, child_probe)
-                });
+                let app = app.clone();
+                let service = service_fn(move |req| respond(req, app.clone()));
                 let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
                 let conn = watch.graceful(conn, IDLE_GRACE, |conn| conn.graceful_shutdown());
                 tokio::spawn(async move {
@@ -168,12 +188,9 @@ async fn serve(
 
 async fn respond(
     req: Request<Incoming>,
-    watch: Watch,
-    pid: u32,
-    generation: u64,
-    child_probe: bool,
+    app: Arc<App>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let body = format!("pid={pid} generation={generation}");
+    let body = format!("pid={} generation={}", app.pid, app.generation);
     let mut response = match req.uri().path() {
         "/" => Response::new(Full::new(Bytes::from(body))),
         "/slow" => {
@@ -190,7 +207,22 @@ async fn respond(
                 None => status(StatusCode::BAD_REQUEST, "slow needs ?ms=N\n"),
             }
         }
-        "/child" if child_probe => {
+        "/upgrade" if app.upgrade_endpoint && req.method() == Method::POST => {
+            match app.handover.upgrade().await {
+                Ok(up) => Response::new(Full::new(Bytes::from(format!(
+                    "upgraded pid={} generation={} ready_ms={}\n",
+                    up.pid,
+                    up.generation,
+                    up.ready_after.as_millis()
+                )))),
+                Err(e) => {
+                    let mut r = Response::new(Full::new(Bytes::from(format!("failed: {e}\n"))));
+                    *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                    r
+                }
+            }
+        }
+        "/child" if app.child_probe => {
             let output = tokio::process::Command::new("/bin/sh")
                 .args(["-c", "ls -l /proc/$$/fd; env"])
                 .output()
@@ -205,7 +237,7 @@ async fn respond(
     // While draining, ask HTTP/1 clients to reconnect (to the new generation)
     // after this response, instead of closing a connection they may be
     // sending on.
-    if watch.is_stopping() && req.version() <= Version::HTTP_11 {
+    if app.watch.is_stopping() && req.version() <= Version::HTTP_11 {
         response
             .headers_mut()
             .insert(CONNECTION, HeaderValue::from_static("close"));

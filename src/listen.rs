@@ -513,6 +513,28 @@ mod tests {
     }
 
     #[test]
+    fn reuseport_is_opt_in() {
+        let mut first = Registry::default();
+        let l = first
+            .tcp("http", "127.0.0.1:0".parse().unwrap(), OPTS)
+            .unwrap();
+        let addr = l.local_addr().unwrap();
+        // Without SO_REUSEPORT an independent process cannot bind beside us.
+        let err = Registry::default().tcp("http", addr, OPTS).unwrap_err();
+        assert!(matches!(err, Error::Bind { .. }), "{err}");
+        // With it on both sides, it can (each socket has its own queue).
+        let opts = BindOptions {
+            reuseport: true,
+            ..OPTS
+        };
+        let mut a = Registry::default();
+        let la = a.tcp("http", "127.0.0.1:0".parse().unwrap(), opts).unwrap();
+        let mut b = Registry::default();
+        let lb = b.tcp("http", la.local_addr().unwrap(), opts).unwrap();
+        assert_eq!(la.local_addr().unwrap(), lb.local_addr().unwrap());
+    }
+
+    #[test]
     fn unclaimed_are_closed_and_reported() {
         let orig = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let mut reg = inherited("old-admin", orig);

@@ -104,6 +104,7 @@ fn unnamed_socket_is_adopted_by_address() {
     let addr = format!("127.0.0.1:{port}").parse().expect("address");
     let first = thread::spawn(move || load::get(addr, "/", WAIT));
     let gen1 = server.wait_ready(1);
+    assert_eq!(gen1.addr, addr);
     first
         .join()
         .expect("thread")

@@ -304,13 +304,25 @@ impl ServerProcess {
             changed: Condvar::new(),
         });
         let echo = std::env::var_os(ECHO_ENV).is_some();
-        spawn_reader(&name, "stdout", stdout, shared.clone(), echo, |st, line| {
-            if let Some(ready) = Ready::parse(&line) {
-                st.known.insert(ready.pid);
-                st.readies.push(ready);
-            }
-            st.stdout.push(line);
-        });
+        spawn_reader(
+            &name,
+            "stdout",
+            stdout,
+            shared.clone(),
+            echo,
+            move |st, line| {
+                if let Some(ready) = Ready::parse(&line) {
+                    // Only a process of ours: a server in another pid namespace
+                    // reports pids (1, say) that name other processes here.
+                    if ready.pid.as_raw() > 1 && proc_stat(ready.pid).is_some_and(|p| p.pgrp == pid)
+                    {
+                        st.known.insert(ready.pid);
+                    }
+                    st.readies.push(ready);
+                }
+                st.stdout.push(line);
+            },
+        );
         spawn_reader(&name, "stderr", stderr, shared.clone(), echo, |st, line| {
             st.stderr.push_str(&line);
             st.stderr.push('\n');
@@ -590,7 +602,7 @@ impl ServerProcess {
                 return Ok(());
             }
             for p in &ours {
-                if p.state != 'Z' {
+                if p.state != 'Z' && p.pid.as_raw() > 1 {
                     // Also catches a process forked after the killpg, or one that left the group.
                     let _ = kill(p.pid, Signal::SIGKILL);
                 }
