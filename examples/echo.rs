@@ -1,7 +1,7 @@
 //! A line echo server over raw TCP that upgrades itself on SIGHUP.
 //!
 //! ```text
-//! cargo run --example echo -- 127.0.0.1:7000
+//! cargo run --example echo -- 127.0.0.1:7000   # or a path: /run/echo.sock
 //! nc 127.0.0.1 7000     # each line comes back, prefixed by the serving pid
 //! kill -HUP <pid>       # new generation; open sessions finish their line and close
 //! ```
@@ -15,49 +15,41 @@ use std::net::SocketAddr;
 use handover::{Handover, Options};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
+/// Where to listen: `IP:PORT`, or a path for a Unix socket.
+enum Listen {
+    Tcp(SocketAddr),
+    Unix(std::path::PathBuf),
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let addr: SocketAddr = std::env::args()
+    let arg = std::env::args()
         .nth(1)
-        .unwrap_or_else(|| "127.0.0.1:7000".to_owned())
-        .parse()?;
+        .unwrap_or_else(|| "127.0.0.1:7000".to_owned());
+    let listen = if arg.starts_with('/') {
+        Listen::Unix(arg.into())
+    } else {
+        Listen::Tcp(arg.parse()?)
+    };
     let handover = Handover::new(Options::default())?;
     tokio::runtime::Runtime::new()?.block_on(async {
-        let listener = handover.tcp("echo", addr)?;
+        let listener = match &listen {
+            Listen::Tcp(addr) => Either::Tcp(handover.tcp("echo", *addr)?),
+            // The path survives upgrades and is removed on a final stop.
+            Listen::Unix(path) => Either::Unix(handover.unix("echo", path)?),
+        };
         handover.ready()?;
         println!(
             "ready pid={} generation={} addr={}",
             std::process::id(),
             handover.generation(),
-            listener.local_addr()?
+            listener.describe()
         );
         let watch = handover.watch();
         loop {
             tokio::select! {
                 accepted = listener.accept() => {
-                    let Ok((stream, _)) = accepted else { continue };
-                    let session_watch = watch.clone();
-                    tokio::spawn(watch.track(async move {
-                        let (read, mut write) = stream.into_split();
-                        let mut lines = BufReader::new(read).lines();
-                        let pid = std::process::id();
-                        loop {
-                            tokio::select! {
-                                line = lines.next_line() => match line {
-                                    Ok(Some(line)) => {
-                                        let reply = format!("{pid}: {line}\n");
-                                        if write.write_all(reply.as_bytes()).await.is_err() {
-                                            return;
-                                        }
-                                    }
-                                    _ => return,
-                                },
-                                _ = session_watch.stopping() => {
-                                    let _ = write.write_all(b"bye\n").await;
-                                    return;
-                                }
-                            }
-                        }
-                    }));
+                    let Ok(stream) = accepted else { continue };
+                    tokio::spawn(watch.track(session(stream, watch.clone())));
                 }
                 _ = handover.stopping() => break,
             }
@@ -66,4 +58,58 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         handover.drain().await;
         Ok(())
     })
+}
+
+enum Either {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+type Stream = Box<dyn AsyncReadWrite>;
+trait AsyncReadWrite: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> AsyncReadWrite for T {}
+
+impl Either {
+    async fn accept(&self) -> std::io::Result<Stream> {
+        Ok(match self {
+            Either::Tcp(l) => Box::new(l.accept().await?.0),
+            Either::Unix(l) => Box::new(l.accept().await?.0),
+        })
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Either::Tcp(l) => l.local_addr().map(|a| a.to_string()),
+            Either::Unix(l) => l.local_addr().map(|a| {
+                a.as_pathname()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            }),
+        }
+        .unwrap_or_default()
+    }
+}
+
+/// Echoes lines, prefixed by our pid, until EOF or the stop signal.
+async fn session(stream: Stream, watch: handover::Watch) {
+    let (read, mut write) = tokio::io::split(stream);
+    let mut lines = BufReader::new(read).lines();
+    let pid = std::process::id();
+    loop {
+        tokio::select! {
+            line = lines.next_line() => match line {
+                Ok(Some(line)) => {
+                    let reply = format!("{pid}: {line}\n");
+                    if write.write_all(reply.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+                _ => return,
+            },
+            _ = watch.stopping() => {
+                let _ = write.write_all(b"bye\n").await;
+                return;
+            }
+        }
+    }
 }

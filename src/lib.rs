@@ -9,16 +9,17 @@
 //! exits. If the new one crashes, hangs or cannot start, the old one simply
 //! keeps serving.
 //!
-//! ```no_run
+//! ```
 //! use handover::{Handover, Options};
 //! use tokio::io::AsyncWriteExt;
 //!
 //! fn main() -> Result<(), Box<dyn std::error::Error>> {
-//!     // First thing: read what a previous generation passed us.
+//!     // First thing, before the runtime: read what a previous generation passed us.
 //!     let handover = Handover::new(Options::default())?;
 //!     tokio::runtime::Runtime::new()?.block_on(async {
-//!         let listener = handover.tcp("echo", "127.0.0.1:7000".parse()?)?;
+//!         let listener = handover.tcp("echo", "127.0.0.1:0".parse()?)?;
 //!         handover.ready()?; // the previous generation, if any, now drains
+//!         # handover.shutdown(); // (so that this doc test ends at once)
 //!         let watch = handover.watch();
 //!         loop {
 //!             tokio::select! {
@@ -32,7 +33,8 @@
 //!             }
 //!         }
 //!         drop(listener); // stop accepting; the socket lives on in the next generation
-//!         handover.drain().await; // in-flight work, up to the drain timeout
+//!         let report = handover.drain().await; // in-flight work, up to the drain timeout
+//!         assert!(report.completed);
 //!         Ok(())
 //!     })
 //! }
