@@ -376,8 +376,15 @@ impl Handover {
         let had_parent = from_parent.is_some();
         if let Some(fd) = from_parent {
             let mut pipe = std::fs::File::from(fd);
-            std::io::Write::write_all(&mut pipe, b"1")
-                .map_err(|e| Error::io("telling the previous generation we are ready", e))?;
+            match std::io::Write::write_all(&mut pipe, b"1") {
+                Ok(()) => {}
+                // The previous generation is gone (killed, crashed): there is
+                // nobody to tell, and this generation is now the one serving.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                    warn!("the previous generation is gone; serving on without it")
+                }
+                Err(e) => return Err(Error::io("telling the previous generation we are ready", e)),
+            }
         }
         if let Some(socket) = &self.inner.notify_socket {
             let message = if had_parent {

@@ -69,11 +69,9 @@ fn named_socket_from_systemd_is_served_and_passed_on() {
         .expect("thread")
         .expect("queued request served");
     assert_eq!(first.body_str(), format!("pid={} generation=1", gen1.pid));
-    assert!(
-        server.stderr().contains("listener inherited name=\"http\""),
-        "{}",
-        server.dump()
-    );
+    server
+        .wait_stderr("listener inherited name=\"http\"", WAIT)
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         initial_env(gen1.pid, "LISTEN_PID"),
         Some(gen1.pid.to_string())
@@ -109,11 +107,9 @@ fn unnamed_socket_is_adopted_by_address() {
         .join()
         .expect("thread")
         .expect("queued request served");
-    assert!(
-        server.stderr().contains("listener inherited"),
-        "{}",
-        server.dump()
-    );
+    server
+        .wait_stderr("listener inherited", WAIT)
+        .unwrap_or_else(|e| panic!("{e}"));
 }
 
 #[test]
@@ -126,6 +122,9 @@ fn named_socket_with_another_address_is_an_error_not_a_rebind() {
         .wait_exit(server.pid(), EXIT_TIMEOUT)
         .expect("app exits");
     assert_eq!(exit, Exit::Code(1), "{}", server.dump());
+    server
+        .wait_stderr("needs a full restart", WAIT)
+        .unwrap_or_else(|e| panic!("{e}"));
     let stderr = server.stderr();
     assert!(
         stderr.contains("listener \"http\" was inherited as a stream socket on")

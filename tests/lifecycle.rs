@@ -43,11 +43,9 @@ fn final_stop_drains(signal: Signal) {
         .expect("thread")
         .expect("in-flight request completes");
     assert_eq!(response.status, 200);
-    assert!(
-        server.stderr().contains("final stop requested"),
-        "{}",
-        server.dump()
-    );
+    server
+        .wait_stderr("final stop requested", WAIT)
+        .unwrap_or_else(|e| panic!("{e}"));
 }
 
 #[test]

@@ -258,11 +258,9 @@ fn drain_cuts_work_at_the_cap_and_exits_on_time() {
         .expect("thread")
         .expect_err("the long request is cut");
     assert_eq!(cut.class, FailureClass::EofBeforeResponse, "{cut:?}");
-    assert!(
-        server.stderr().contains("drain timeout reached"),
-        "{}",
-        server.dump()
-    );
+    server
+        .wait_stderr("drain timeout reached", WAIT)
+        .unwrap_or_else(|e| panic!("{e}"));
     // Generous bounds: the drain waited for the cap, and not much longer.
     assert!(
         exited_after >= Duration::from_millis(900),
@@ -271,5 +269,42 @@ fn drain_cuts_work_at_the_cap_and_exits_on_time() {
     assert!(
         exited_after < Duration::from_secs(6),
         "exited after {exited_after:?}, long after the 1 s cap"
+    );
+}
+
+#[test]
+fn new_generation_serves_on_when_the_old_one_dies_during_its_startup() {
+    let dir = TempDir::new("orphaned");
+    let (server, exe) = server_in(&dir, &[]);
+    let gen1 = server.wait_ready(1);
+    // The next version waits for the test's go-ahead before it starts (the
+    // wait is the deployed program's own, not the test's synchronisation).
+    let real = dir.path().join("real");
+    deploy(&real, Deploy::Binary(&common::example_path("http_server")));
+    let go = dir.path().join("go");
+    deploy(
+        &exe,
+        Deploy::Script(&format!(
+            "echo starting >&2; while [ ! -e {go} ]; do sleep 0.01; done; exec {real} \"$@\"",
+            go = go.display(),
+            real = real.display()
+        )),
+    );
+    server.signal(Signal::SIGHUP).expect("SIGHUP");
+    wait_stderr(&server, "starting", 1);
+    server
+        .signal(Signal::SIGKILL)
+        .expect("SIGKILL generation 1");
+    assert_eq!(
+        server.wait_exit(gen1.pid, EXIT_TIMEOUT),
+        Ok(Exit::Signal(Signal::SIGKILL))
+    );
+    std::fs::write(&go, "").expect("go-ahead");
+    let gen2 = server.wait_ready(2);
+    wait_stderr(&server, "the previous generation is gone", 1);
+    let response = load::get(gen1.addr, "/", WAIT).expect("generation 2 serves");
+    assert_eq!(
+        response.body_str(),
+        format!("pid={} generation=2", gen2.pid)
     );
 }

@@ -443,6 +443,18 @@ impl ServerProcess {
         self.signal_pid(pid, sig)
     }
 
+    /// Waits until stderr contains `needle`. Stdout and stderr are read by
+    /// separate threads, so a line logged before a ready line may be seen
+    /// after it: check stderr through this, not `stderr().contains`.
+    pub fn wait_stderr(&self, needle: &str, timeout: Duration) -> Result<(), String> {
+        super::wait_until(
+            format!("{needle:?} on stderr"),
+            timeout,
+            || self.stderr().contains(needle),
+            || self.dump(),
+        )
+    }
+
     /// Every stdout line seen so far.
     pub fn stdout_lines(&self) -> Vec<String> {
         self.shared.lock().stdout.clone()
