@@ -308,3 +308,36 @@ fn new_generation_serves_on_when_the_old_one_dies_during_its_startup() {
         format!("pid={} generation=2", gen2.pid)
     );
 }
+
+#[test]
+fn upgrade_follows_a_flipped_current_symlink() {
+    // A deploy that flips `current` to a new release must start the new
+    // release: the path is kept as started, not resolved to the old file.
+    let dir = TempDir::new("symlink");
+    let v1 = dir.path().join("v1");
+    let v2 = dir.path().join("v2");
+    std::fs::create_dir_all(&v1).expect("v1 dir");
+    std::fs::create_dir_all(&v2).expect("v2 dir");
+    let real = common::example_path("http_server");
+    deploy(&v1.join("http_server"), Deploy::Binary(&real));
+    deploy(
+        &v2.join("http_server"),
+        Deploy::Script(&format!(
+            "echo 'release v2 starting' >&2; exec {} \"$@\"",
+            real.display()
+        )),
+    );
+    let current = dir.path().join("current");
+    std::os::unix::fs::symlink(&v1, &current).expect("current -> v1");
+    let mut cmd = std::process::Command::new(current.join("http_server"));
+    cmd.args(["--listen", "127.0.0.1:0"]);
+    let server = ServerProcess::spawn(cmd);
+    server.wait_ready(1);
+
+    let flipped = dir.path().join("current.new");
+    std::os::unix::fs::symlink(&v2, &flipped).expect("current.new -> v2");
+    std::fs::rename(&flipped, &current).expect("flip current");
+    server.signal(Signal::SIGHUP).expect("SIGHUP");
+    server.wait_ready(2);
+    wait_stderr(&server, "release v2 starting", 1);
+}
