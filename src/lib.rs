@@ -58,6 +58,7 @@ mod listen;
 mod notify;
 mod options;
 pub mod protocol;
+pub mod supervisor;
 mod sys;
 mod upgrade;
 

@@ -436,3 +436,75 @@ pub(crate) fn describe(status: WaitStatus) -> String {
         other => format!("changed state ({other:?})"),
     }
 }
+
+// ---------------------------------------------------------------------------
+// Helpers of the `handover run` supervisor: reaping any child, signals by
+// number (real-time ones included), and fds received with SCM_RIGHTS.
+
+/// Reaps one child that has exited, whichever it is (`waitpid(-1, WNOHANG)`):
+/// the supervisor's own children and orphans reparented to it alike.
+/// `Ok(None)` when no child has exited (or there are no children).
+pub(crate) fn reap_any() -> io::Result<Option<WaitStatus>> {
+    reap(Pid::from_raw(-1))
+}
+
+/// Reaps `pid` if it has exited (`waitpid(pid, WNOHANG)`); `Ok(None)` while
+/// it runs or when it is not (or no longer) our child.
+pub(crate) fn reap_pid(pid: i32) -> io::Result<Option<WaitStatus>> {
+    reap(Pid::from_raw(pid))
+}
+
+fn reap(pid: Pid) -> io::Result<Option<WaitStatus>> {
+    loop {
+        match waitpid(pid, Some(WaitPidFlag::WNOHANG | WaitPidFlag::__WALL)) {
+            Ok(status @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => {
+                return Ok(Some(status))
+            }
+            // Stops and continues are not reported without WUNTRACED and
+            // WCONTINUED; anything else means nothing has exited.
+            Ok(_) => return Ok(None),
+            Err(nix::errno::Errno::ECHILD) => return Ok(None),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Sends signal number `signo` to `pid`. Unlike [`Signal`], any number the
+/// kernel knows is accepted, real-time signals included, so that the
+/// supervisor can forward whatever it received.
+pub(crate) fn send_signal_number(pid: i32, signo: i32) -> io::Result<()> {
+    if pid <= 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "refusing to signal a process group or every process",
+        ));
+    }
+    // SAFETY: kill takes plain integers; `pid > 0` names one process, never
+    // a group or every process.
+    if unsafe { libc::kill(pid, signo) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Takes ownership of fds the kernel just installed in this process (passed
+/// with `SCM_RIGHTS`), so that they are closed when dropped.
+///
+/// # Safety
+/// Every number in `raw` must be an fd received by the `recvmsg` call that
+/// returned it, not yet owned by anything else, and passed here only once.
+pub(crate) unsafe fn own_received_fds(raw: &[RawFd]) -> Vec<OwnedFd> {
+    raw.iter()
+        .filter(|fd| **fd >= 0)
+        // SAFETY: the caller guarantees each fd is freshly received and
+        // owned by nothing else.
+        .map(|fd| unsafe { OwnedFd::from_raw_fd(*fd) })
+        .collect()
+}
+
+/// The effective user id of this process.
+pub(crate) fn euid() -> u32 {
+    // SAFETY: geteuid takes no arguments, cannot fail and touches no memory.
+    unsafe { libc::geteuid() }
+}

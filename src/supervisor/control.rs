@@ -1,0 +1,370 @@
+//! The control socket: `handover upgrade` and `handover status` talk to the
+//! supervisor over a Unix stream socket (mode 0600; the peer's uid is checked
+//! with `SO_PEERCRED`, so only the supervisor's user and root are served).
+//!
+//! The protocol is lines of text. The client sends one request line,
+//! `upgrade`, `status` or `status json`. For `upgrade` the supervisor answers
+//! with progress lines (`waiting: ...`, `step: ...`) and ends with exactly one
+//! outcome line, `ok: ...`, `failed: ...` or `refused: ...`; `error: ...`
+//! means the request itself was not served. For `status` it sends the status
+//! and closes the connection.
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use super::cli::{format_duration, ClientConfig};
+use super::error::Error;
+
+/// Where the progress and outcome lines of one upgrade request go.
+pub(crate) type Waiter = mpsc::UnboundedSender<String>;
+
+/// A request from a control client, for the supervisor's loop.
+pub(crate) enum Request {
+    /// Upgrade, and report to this waiter.
+    Upgrade(Waiter),
+    /// The status, as JSON or text.
+    Status {
+        json: bool,
+        reply: oneshot::Sender<String>,
+    },
+}
+
+/// How long a client may take to send its request line.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest request line accepted.
+const MAX_REQUEST: u64 = 256;
+
+fn control_error(path: &Path, problem: impl Into<String>, source: Option<io::Error>) -> Error {
+    Error::Control {
+        path: path.to_path_buf(),
+        problem: problem.into(),
+        source,
+    }
+}
+
+/// Creates the socket's directory when missing (mode 0700) and refuses one
+/// that another user owns.
+fn prepare_directory(path: &Path) -> Result<(), Error> {
+    let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| control_error(path, "cannot create its directory", Some(e)))?;
+    }
+    let meta = std::fs::metadata(dir)
+        .map_err(|e| control_error(path, "cannot inspect its directory", Some(e)))?;
+    let me = crate::sys::euid();
+    if !meta.is_dir() {
+        return Err(control_error(path, "its parent is not a directory", None));
+    }
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(control_error(
+            path,
+            format!(
+                "its directory belongs to uid {}, not to this user (uid {me})",
+                meta.uid()
+            ),
+            None,
+        ));
+    }
+    Ok(())
+}
+
+/// Binds the control socket at `path` with mode 0600, replacing a stale
+/// socket file left by a supervisor that is gone. Call it while the process
+/// has one thread (it changes the umask around `bind`).
+pub(crate) fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener, Error> {
+    prepare_directory(path)?;
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(control_error(path, "exists and is not a socket", None));
+        }
+        match StdUnixStream::connect(path) {
+            Ok(_) => {
+                return Err(Error::ControlInUse {
+                    path: path.to_path_buf(),
+                })
+            }
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                info!(path = %path.display(), "removing the stale control socket of a supervisor that is gone");
+                std::fs::remove_file(path)
+                    .map_err(|e| control_error(path, "cannot remove the stale socket", Some(e)))?;
+            }
+            Err(e) => {
+                return Err(control_error(
+                    path,
+                    "cannot probe the existing socket",
+                    Some(e),
+                ))
+            }
+        }
+    }
+    // The socket file is created with the umask applied: 0600 from birth,
+    // rather than chmod after a window in which others could connect.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = std::os::unix::net::UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let listener = bound.map_err(|e| control_error(path, "cannot bind", Some(e)))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| control_error(path, "cannot set mode 0600", Some(e)))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| control_error(path, "cannot make it non-blocking", Some(e)))?;
+    Ok(listener)
+}
+
+/// Accepts control connections until the runtime ends, one task each.
+pub(crate) async fn serve(listener: UnixListener, requests: mpsc::UnboundedSender<Request>) {
+    let own_uid = crate::sys::euid();
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(handle(stream, requests.clone(), own_uid));
+            }
+            Err(e) => {
+                // Out of fds and the like: the connection stays queued; try
+                // again shortly rather than spin.
+                warn!(error = %e, "control socket accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn handle(stream: UnixStream, requests: mpsc::UnboundedSender<Request>, own_uid: u32) {
+    let peer = stream.peer_cred();
+    let (read, mut write) = stream.into_split();
+    match peer {
+        Ok(cred) if cred.uid() == own_uid || cred.uid() == 0 => {}
+        Ok(cred) => {
+            warn!(
+                uid = cred.uid(),
+                pid = cred.pid().unwrap_or(0),
+                "control connection refused: not the supervisor's user"
+            );
+            let line = format!(
+                "error: uid {} may not use this control socket (only uid {own_uid} and root)\n",
+                cred.uid()
+            );
+            let _ = write.write_all(line.as_bytes()).await;
+            return;
+        }
+        Err(e) => {
+            warn!(error = %e, "control connection refused: peer credentials unknown");
+            return;
+        }
+    }
+    let mut line = String::new();
+    let mut reader = tokio::io::BufReader::new(read.take(MAX_REQUEST));
+    match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            debug!(error = %e, "control connection: cannot read the request");
+            return;
+        }
+        Err(_) => {
+            let _ = write
+                .write_all(b"error: no request received in time\n")
+                .await;
+            return;
+        }
+    }
+    match line.trim() {
+        "upgrade" => {
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            if requests.send(Request::Upgrade(tx)).is_err() {
+                let _ = write.write_all(b"error: the supervisor is exiting\n").await;
+                return;
+            }
+            while let Some(line) = rx.recv().await {
+                let line = format!("{line}\n");
+                if write.write_all(line.as_bytes()).await.is_err() {
+                    // The client left; the upgrade goes on without it.
+                    debug!("control client left before the outcome");
+                    return;
+                }
+            }
+        }
+        request @ ("status" | "status json") => {
+            let (reply, rx) = oneshot::channel();
+            let json = request == "status json";
+            if requests.send(Request::Status { json, reply }).is_err() {
+                let _ = write.write_all(b"error: the supervisor is exiting\n").await;
+                return;
+            }
+            if let Ok(text) = rx.await {
+                let _ = write.write_all(text.as_bytes()).await;
+            }
+        }
+        other => {
+            let line = format!("error: unknown request {other:?} (use upgrade or status)\n");
+            let _ = write.write_all(line.as_bytes()).await;
+        }
+    }
+    let _ = write.shutdown().await;
+}
+
+/// Connects and sends `request`; the error is a sentence for the user.
+fn connect(config: &ClientConfig, request: &str) -> Result<StdUnixStream, String> {
+    let path = &config.control;
+    let mut stream = StdUnixStream::connect(path).map_err(|e| {
+        let hint = match e.kind() {
+            io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
+                " (is `handover run` running, with this --control path?)"
+            }
+            io::ErrorKind::PermissionDenied => " (run this as the supervisor's user)",
+            _ => "",
+        };
+        format!(
+            "cannot reach the supervisor at {}: {e}{hint}",
+            path.display()
+        )
+    })?;
+    stream
+        .write_all(format!("{request}\n").as_bytes())
+        .map_err(|e| format!("cannot send the request to {}: {e}", path.display()))?;
+    Ok(stream)
+}
+
+/// Reads lines until the supervisor closes the connection or the deadline
+/// passes; `on_line` sees each line without its newline.
+fn read_lines(
+    stream: StdUnixStream,
+    deadline: Instant,
+    mut on_line: impl FnMut(&str),
+) -> Result<(), String> {
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err("timed out".to_owned());
+        }
+        reader
+            .get_ref()
+            .set_read_timeout(Some(left))
+            .map_err(|e| e.to_string())?;
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) => return Ok(()),
+            Ok(_) => on_line(line.trim_end_matches('\n')),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err("timed out".to_owned())
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// `handover upgrade`: prints the steps to `out` as they come; returns the
+/// exit code (0 upgraded, 1 failed or refused, 2 could not ask).
+pub(crate) fn upgrade(config: &ClientConfig, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
+    let deadline = Instant::now() + config.timeout;
+    let stream = match connect(config, "upgrade") {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = writeln!(err, "handover upgrade: {e}");
+            return 2;
+        }
+    };
+    let mut outcome = None;
+    let result = read_lines(stream, deadline, |line| {
+        if line.starts_with("error: ") {
+            let _ = writeln!(err, "handover upgrade: {line}");
+        } else {
+            let _ = writeln!(out, "{line}");
+            let _ = out.flush();
+        }
+        for (tag, code) in [
+            ("ok: ", 0),
+            ("failed: ", 1),
+            ("refused: ", 1),
+            ("error: ", 2),
+        ] {
+            if line.starts_with(tag) {
+                outcome = Some(code);
+            }
+        }
+    });
+    match (outcome, result) {
+        (Some(code), _) => code,
+        (None, Err(e)) if e == "timed out" => {
+            let _ = writeln!(
+                err,
+                "handover upgrade: no outcome within {} (--timeout); the upgrade may still \
+                 complete: see `handover status`",
+                format_duration(config.timeout)
+            );
+            2
+        }
+        (None, Err(e)) => {
+            let _ = writeln!(
+                err,
+                "handover upgrade: connection to the supervisor failed: {e}"
+            );
+            2
+        }
+        (None, Ok(())) => {
+            let _ = writeln!(
+                err,
+                "handover upgrade: the supervisor closed the connection without an outcome"
+            );
+            2
+        }
+    }
+}
+
+/// `handover status [--json]`: prints the status; returns the exit code (0,
+/// or 2 when it could not ask).
+pub(crate) fn status(config: &ClientConfig, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
+    let deadline = Instant::now() + config.timeout;
+    let request = if config.json { "status json" } else { "status" };
+    let stream = match connect(config, request) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = writeln!(err, "handover status: {e}");
+            return 2;
+        }
+    };
+    let mut text = String::new();
+    if let Err(e) = read_lines(stream, deadline, |line| {
+        text.push_str(line);
+        text.push('\n');
+    }) {
+        let _ = writeln!(err, "handover status: no answer from the supervisor: {e}");
+        return 2;
+    }
+    if text.is_empty() || text.starts_with("error: ") {
+        let _ = write!(
+            err,
+            "handover status: {}",
+            if text.is_empty() {
+                "the supervisor sent nothing\n"
+            } else {
+                &text
+            }
+        );
+        return 2;
+    }
+    let _ = out.write_all(text.as_bytes());
+    let _ = out.flush();
+    0
+}

@@ -1,0 +1,176 @@
+//! Starting processes: a generation of the app (with the sockets, by the
+//! protocol) and the readiness command of `--ready exec:CMD`. Both go through
+//! `sys::spawn`, which puts the sockets at fds 3.., fills `LISTEN_PID` with
+//! the child's own pid after the fork, and resets the signal mask and
+//! dispositions in the child.
+
+use std::ffi::{OsStr, OsString};
+use std::io;
+use std::os::fd::BorrowedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use crate::protocol::{self, Handoff};
+use crate::sys::{self, Exec};
+
+/// Everything needed to start processes, fixed at start-up.
+pub(crate) struct Spawner {
+    /// The command and its arguments, as given.
+    pub command: Vec<OsString>,
+    /// The supervisor's environment without the protocol variables.
+    pub env: Vec<(OsString, OsString)>,
+    /// The supervisor's pid, for `HANDOVER_SUPERVISOR`.
+    pub supervisor_pid: i32,
+}
+
+/// The command line, for messages.
+pub(crate) fn describe_command(command: &[OsString]) -> String {
+    command
+        .iter()
+        .map(|a| {
+            let a = a.to_string_lossy();
+            if a.is_empty() || a.contains(|c: char| c.is_whitespace() || c == '"') {
+                format!("{a:?}")
+            } else {
+                a.into_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Finds the executable the way `execvp` does: a name with a `/` is used as
+/// it is; a bare name is looked up in `PATH` (the first regular file found),
+/// afresh at each start, so that a deploy that replaces the file is picked up.
+pub(crate) fn resolve(program: &OsStr, path_var: Option<&OsStr>) -> io::Result<PathBuf> {
+    if program.as_bytes().contains(&b'/') {
+        return Ok(PathBuf::from(program));
+    }
+    let dirs = path_var.unwrap_or(OsStr::new("/usr/local/bin:/usr/bin:/bin"));
+    for dir in std::env::split_paths(dirs) {
+        let dir = if dir.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            dir
+        };
+        let candidate = dir.join(program);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("{} not found in PATH", Path::new(program).display()),
+    ))
+}
+
+impl Spawner {
+    fn path_var(&self) -> Option<&OsStr> {
+        self.env
+            .iter()
+            .find(|(k, _)| k == "PATH")
+            .map(|(_, v)| v.as_os_str())
+    }
+
+    /// Starts generation `generation` with `sockets` (names and fds, in fd
+    /// order from 3) and `NOTIFY_SOCKET=notify_socket`; returns its pid once
+    /// it has exec'd, or why it could not.
+    pub(crate) fn app(
+        &self,
+        generation: u64,
+        sockets: &[(&str, BorrowedFd<'_>)],
+        notify_socket: &str,
+    ) -> io::Result<i32> {
+        let program = self
+            .command
+            .first()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty command"))?;
+        let path = resolve(program, self.path_var())?;
+        let vars = Handoff {
+            names: sockets.iter().map(|(name, _)| *name).collect(),
+            ready_fd: None,
+            generation,
+            supervisor: Some(self.supervisor_pid),
+            notify_socket: Some(notify_socket),
+        }
+        .render();
+        let env = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_os_str(), v.as_os_str()))
+            .chain(
+                vars.iter()
+                    .map(|(k, v)| (OsStr::new(*k), OsStr::new(v.as_str()))),
+            );
+        let exec = Exec::new(
+            path.as_os_str(),
+            self.command.iter().map(OsString::as_os_str),
+            env,
+            true,
+            None,
+        )?;
+        let fds: Vec<BorrowedFd<'_>> = sockets.iter().map(|(_, fd)| *fd).collect();
+        // The supervisor's reaper owns every exit status: the pidfd-based
+        // Child is only used for its pid.
+        let child = sys::spawn(exec, &fds)?;
+        Ok(child.pid())
+    }
+
+    /// Starts `sh -c CMD` for `--ready exec:CMD`, with `HANDOVER_PID` and
+    /// `HANDOVER_GENERATION` naming the generation it probes; no sockets.
+    pub(crate) fn probe(&self, command: &str, pid: i32, generation: u64) -> io::Result<i32> {
+        let pid_text = pid.to_string();
+        let generation_text = generation.to_string();
+        let env = self
+            .env
+            .iter()
+            .filter(|(k, _)| k != "HANDOVER_PID")
+            .map(|(k, v)| (k.as_os_str(), v.as_os_str()))
+            .chain([
+                (OsStr::new("HANDOVER_PID"), OsStr::new(pid_text.as_str())),
+                (
+                    OsStr::new(protocol::GENERATION),
+                    OsStr::new(generation_text.as_str()),
+                ),
+            ]);
+        let exec = Exec::new(
+            OsStr::new("/bin/sh"),
+            [OsStr::new("sh"), OsStr::new("-c"), OsStr::new(command)],
+            env,
+            false,
+            None,
+        )?;
+        Ok(sys::spawn(exec, &[])?.pid())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_like_execvp() {
+        assert_eq!(
+            resolve(OsStr::new("./x/y"), None).unwrap(),
+            PathBuf::from("./x/y")
+        );
+        assert_eq!(
+            resolve(OsStr::new("sh"), Some(OsStr::new("/nonexistent:/bin"))).unwrap(),
+            PathBuf::from("/bin/sh")
+        );
+        let e = resolve(OsStr::new("no-such-program-xyz"), Some(OsStr::new("/bin"))).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn command_lines_are_quoted_when_needed() {
+        let cmd: Vec<OsString> = ["/app/server", "--name", "two words", ""]
+            .iter()
+            .map(OsString::from)
+            .collect();
+        assert_eq!(
+            describe_command(&cmd),
+            "/app/server --name \"two words\" \"\""
+        );
+    }
+}
