@@ -307,6 +307,7 @@ pub(crate) fn spawn(mut exec: Exec, fds: &[BorrowedFd<'_>]) -> io::Result<Child>
             for sig in 1..=64 {
                 if sig != libc::SIGKILL && sig != libc::SIGSTOP {
                     libc::signal(sig, libc::SIG_DFL);
+                    reset_disposition(sig);
                 }
             }
             if !pid_slot.is_null() {
@@ -507,4 +508,29 @@ pub(crate) unsafe fn own_received_fds(raw: &[RawFd]) -> Vec<OwnedFd> {
 pub(crate) fn euid() -> u32 {
     // SAFETY: geteuid takes no arguments, cannot fail and touches no memory.
     unsafe { libc::geteuid() }
+}
+
+/// Sets the disposition of `sig` to the default, with the raw system call:
+/// glibc's `signal` and `sigaction` refuse its internal signals (32 and 33),
+/// which a process started by `posix_spawn` (as `std::process::Command`
+/// does) may have inherited as ignored, and an ignored disposition survives
+/// `execve`. Async-signal-safe: used between `fork` and `exec`.
+fn reset_disposition(sig: libc::c_int) {
+    // All zeroes is `SIG_DFL` with no flags and an empty mask in the
+    // kernel's `struct sigaction`, whatever the order of its fields; the
+    // buffer is larger than any architecture's layout. The signal set is 8
+    // bytes (64 signals) everywhere but MIPS, where the call fails and the
+    // disposition stays as `signal` left it.
+    let default = [0u64; 8];
+    // SAFETY: rt_sigaction reads at most 64 bytes of `default`, writes
+    // nothing (null old action), and only changes this process's disposition.
+    unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigaction,
+            sig,
+            default.as_ptr(),
+            std::ptr::null_mut::<u64>(),
+            8usize,
+        );
+    }
 }
