@@ -144,28 +144,27 @@ pub(crate) async fn serve(listener: UnixListener, requests: mpsc::UnboundedSende
 }
 
 async fn handle(stream: UnixStream, requests: mpsc::UnboundedSender<Request>, own_uid: u32) {
-    let peer = stream.peer_cred();
-    let (read, mut write) = stream.into_split();
-    match peer {
-        Ok(cred) if cred.uid() == own_uid || cred.uid() == 0 => {}
+    let refusal = match stream.peer_cred() {
+        Ok(cred) if cred.uid() == own_uid || cred.uid() == 0 => None,
         Ok(cred) => {
             warn!(
                 uid = cred.uid(),
                 pid = cred.pid().unwrap_or(0),
                 "control connection refused: not the supervisor's user"
             );
-            let line = format!(
+            Some(format!(
                 "error: uid {} may not use this control socket (only uid {own_uid} and root)\n",
                 cred.uid()
-            );
-            let _ = write.write_all(line.as_bytes()).await;
-            return;
+            ))
         }
         Err(e) => {
             warn!(error = %e, "control connection refused: peer credentials unknown");
-            return;
+            Some("error: peer credentials unknown\n".to_owned())
         }
-    }
+    };
+    let (read, mut write) = stream.into_split();
+    // The request is read even when refused: closing a socket with unread
+    // data resets it, and the client would not see why.
     let mut line = String::new();
     let mut reader = tokio::io::BufReader::new(read.take(MAX_REQUEST));
     match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await {
@@ -180,6 +179,11 @@ async fn handle(stream: UnixStream, requests: mpsc::UnboundedSender<Request>, ow
                 .await;
             return;
         }
+    }
+    if let Some(refusal) = refusal {
+        let _ = write.write_all(refusal.as_bytes()).await;
+        let _ = write.shutdown().await;
+        return;
     }
     match line.trim() {
         "upgrade" => {

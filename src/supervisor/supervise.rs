@@ -1235,7 +1235,11 @@ fn bind_listeners(cfg: &RunConfig) -> Result<(Registry, Vec<(String, String)>), 
     };
     for spec in &cfg.listeners {
         let failed = |source| Error::Listen {
-            spec: format!("{}={}", spec.name, spec.address),
+            spec: if spec.name == protocol::UNNAMED {
+                spec.address.to_string()
+            } else {
+                format!("{}={}", spec.name, spec.address)
+            },
             source,
         };
         let local = match &spec.address {

@@ -1,0 +1,213 @@
+//! S8 interop: programs we did not write, under `handover run`.
+//!
+//! The app is a Python script (`tests/support/interop_app.py`) that takes its sockets by
+//! systemd socket activation (it checks that `LISTEN_PID` is its own pid, as libsystemd,
+//! gunicorn and go-systemd do) and says ready with Debian's `systemd-notify --ready`, which
+//! sends `READY=1` from its own pid, then `BARRIER=1` with an fd, and waits until the receiver
+//! closes that fd. Also: TCP, Unix and UDP sockets by name, and `--ready exec:CMD` for an app
+//! that does not notify.
+
+mod common;
+mod support;
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::load::get;
+use common::{wait_for, Exit, Ready, Signal};
+use support::{wait_stderr, Supervised, TempDir, Tier};
+
+const T: Duration = Duration::from_secs(20);
+
+/// The real python3 (not a shim script), or `None` with the reason the test is skipped.
+fn python() -> Option<PathBuf> {
+    let out = Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .ok()?;
+    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    path.is_file().then_some(path)
+}
+
+fn prerequisites() -> Option<PathBuf> {
+    let Some(python) = python() else {
+        eprintln!("skipping: no python3");
+        return None;
+    };
+    if !Path::new("/usr/bin/systemd-notify").exists()
+        && Command::new("systemd-notify")
+            .arg("--version")
+            .output()
+            .is_err()
+    {
+        eprintln!("skipping: no systemd-notify");
+        return None;
+    }
+    Some(python)
+}
+
+fn app_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/interop_app.py")
+}
+
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|t| t.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// The ready line of `generation`, whole.
+fn ready_line(sv: &Supervised, generation: u64) -> String {
+    let ready: Ready = sv.server.wait_ready(generation);
+    sv.server
+        .stdout_lines()
+        .into_iter()
+        .find(|l| Ready::parse(l).is_some_and(|r| r == ready))
+        .expect("the ready line")
+}
+
+fn body(addr: std::net::SocketAddr) -> String {
+    let response = get(addr, "/", T).unwrap_or_else(|e| panic!("GET /: {e}"));
+    assert!(response.is_success(), "{response:?}");
+    response.body_str()
+}
+
+#[test]
+fn python_app_with_systemd_notify_gets_sockets_and_is_seen_ready() {
+    let Some(python) = prerequisites() else {
+        return;
+    };
+    let dir = TempDir::new("python");
+    let script = app_script();
+    let sv = Supervised::start_with(
+        Tier::Subreaper,
+        &dir,
+        // Unnamed: systemd's default name.
+        &["--listen", "tcp://127.0.0.1:0", "--ready-timeout", "10s"],
+        &[python.as_os_str(), script.as_os_str(), OsStr::new("notify")],
+        |cmd| {
+            cmd.env("HANDOVER_LOG", "debug");
+        },
+    );
+    let line = ready_line(&sv, 1);
+    let first = Ready::parse(&line).expect("ready");
+    assert_eq!(field(&line, "names"), Some("unknown"), "{line}");
+    // systemd-notify returned at once with success: its BARRIER fd was closed.
+    assert_eq!(field(&line, "notify_rc"), Some("0"), "{line}");
+    let notify_ms: u64 = field(&line, "notify_ms")
+        .and_then(|m| m.parse().ok())
+        .expect("ms");
+    assert!(
+        notify_ms < 3000,
+        "systemd-notify waited {notify_ms} ms: {line}"
+    );
+    wait_stderr(&sv, "generation ready generation=1", T);
+    wait_stderr(&sv, "closed the fds passed with a notification", T);
+    assert_eq!(body(first.addr), format!("pid={} generation=1", first.pid));
+
+    let out = sv.upgrade();
+    assert_eq!(out.code, Some(0), "{out:?}\n{}", sv.server.dump());
+    assert!(out.stdout.contains("ok: generation 2"), "{out:?}");
+    let second = Ready::parse(&ready_line(&sv, 2)).expect("ready");
+    assert_ne!(second.pid, first.pid);
+    assert_eq!(second.addr, first.addr, "the same socket");
+    assert_eq!(body(first.addr), format!("pid={} generation=2", second.pid));
+    // The old one got SIGTERM and exited 0; its STATUS= is shown for the new one.
+    wait_stderr(&sv, "old generation exited generation=1", T);
+    let status = sv.status_json();
+    assert!(
+        status.contains(&format!(
+            "\"current\":{{\"generation\":2,\"pid\":{},",
+            second.pid
+        )),
+        "{status}"
+    );
+    assert!(status.contains("\"status\":\"python serving\""), "{status}");
+    assert!(!sv
+        .server
+        .stdout_lines()
+        .iter()
+        .any(|l| l.starts_with("protocol-error")));
+    sv.signal(Signal::SIGTERM);
+    assert_eq!(sv.wait_exit(T), Exit::Code(0), "{}", sv.server.dump());
+}
+
+#[test]
+fn tcp_unix_and_udp_sockets_by_name() {
+    let Some(python) = prerequisites() else {
+        return;
+    };
+    let dir = TempDir::new("kinds");
+    let unix = dir.join("admin.sock");
+    let admin = format!("admin=unix://{}", unix.display());
+    let script = app_script();
+    let sv = Supervised::start(
+        Tier::Subreaper,
+        &dir,
+        &[
+            "--listen",
+            "web=tcp://127.0.0.1:0",
+            "--listen",
+            &admin,
+            "--listen",
+            "dns=udp://127.0.0.1:0",
+        ],
+        &[python.as_os_str(), script.as_os_str(), OsStr::new("multi")],
+    );
+    let kinds = sv
+        .server
+        .wait_line(|l| l.starts_with("kinds "), T)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(kinds, "kinds web=tcp admin=unix dns=udp");
+    let line = ready_line(&sv, 1);
+    assert_eq!(field(&line, "names"), Some("web:admin:dns"), "{line}");
+    assert!(unix.exists());
+    sv.signal(Signal::SIGTERM);
+    assert_eq!(sv.wait_exit(T), Exit::Code(0), "{}", sv.server.dump());
+    assert!(
+        !unix.exists(),
+        "the unix socket path is removed on the final stop"
+    );
+}
+
+#[test]
+fn ready_exec_command_for_an_app_that_does_not_notify() {
+    let Some(python) = prerequisites() else {
+        return;
+    };
+    let dir = TempDir::new("exec");
+    let script = app_script();
+    let probe = format!(
+        "exec:test -e '{}'/ready-$HANDOVER_PID && test \"$HANDOVER_GENERATION\" -ge 1",
+        dir.path().display()
+    );
+    let sv = Supervised::start(
+        Tier::Subreaper,
+        &dir,
+        &["--listen", "tcp://127.0.0.1:0", "--ready", &probe],
+        &[
+            python.as_os_str(),
+            script.as_os_str(),
+            OsStr::new("file"),
+            dir.path().as_os_str(),
+        ],
+    );
+    sv.server.wait_ready(1);
+    wait_stderr(&sv, "how=\"readiness command exited 0\"", T);
+    let out = sv.upgrade();
+    assert_eq!(out.code, Some(0), "{out:?}\n{}", sv.server.dump());
+    assert!(out.stdout.contains("waiting for `test -e"), "{out:?}");
+    let second = sv.server.wait_ready(2);
+    wait_for("generation 2 serves", T, || {
+        let b = body(second.addr);
+        if b == format!("pid={} generation=2", second.pid) {
+            Ok(())
+        } else {
+            Err(b)
+        }
+    })
+    .expect("served by generation 2");
+    sv.signal(Signal::SIGTERM);
+    assert_eq!(sv.wait_exit(T), Exit::Code(0), "{}", sv.server.dump());
+}

@@ -1,0 +1,254 @@
+//! The life of `handover run` apart from upgrades:
+//!
+//! - crash restart: `kill -9` of the app under load refuses no connection (the sockets stay
+//!   open, clients wait in the backlog) and the restarted app serves;
+//! - a crash loop ends with the app's status; an app that exits 0 unasked ends the supervisor
+//!   with 0, without a restart;
+//! - SIGTERM with `--shutdown-delay` keeps serving during the delay, refuses upgrades, then
+//!   drains and exits 0;
+//! - the control socket: mode 0600, other users refused by `SO_PEERCRED`, one supervisor per
+//!   path, a stale socket replaced.
+
+mod common;
+mod support;
+
+use std::ffi::OsStr;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::time::{Duration, Instant};
+
+use common::load::{Load, LoadConfig, Mode};
+use common::{Exit, ServerProcess, Signal};
+use support::{http_server, run_with_deadline, wait_stderr, Supervised, TempDir, Tier};
+
+const T: Duration = Duration::from_secs(20);
+
+fn http(tier: Tier, dir: &TempDir, options: &[&str]) -> Supervised {
+    let server = http_server();
+    let mut all = vec!["--listen", "http=tcp://127.0.0.1:0"];
+    all.extend_from_slice(options);
+    Supervised::start(
+        tier,
+        dir,
+        &all,
+        &[
+            server.as_os_str(),
+            OsStr::new("--listen"),
+            OsStr::new("127.0.0.1:0"),
+        ],
+    )
+}
+
+#[test]
+fn crash_restart_under_load_refuses_nothing() {
+    let dir = TempDir::new("crash");
+    let sv = http(Tier::Subreaper, &dir, &[]);
+    let first = sv.server.wait_ready(1);
+    let load = Load::start(
+        LoadConfig::new(first.addr, Mode::PerRequest { concurrency: 4 })
+            .max_duration(Duration::from_secs(60)),
+    );
+    load.wait_for_ok(100, T).expect("load flowing");
+    sv.server
+        .signal_pid(first.pid, Signal::SIGKILL)
+        .expect("kill -9");
+    let second = sv.server.wait_ready(2);
+    assert_ne!(second.pid, first.pid);
+    let body = format!("pid={} generation=2", second.pid);
+    load.wait_for_body(|b| b == body, T)
+        .expect("the restarted app serves");
+    load.wait_for_more_ok(100, T).expect("load flowing again");
+    let report = load.stop();
+    eprintln!("{report}");
+    // Requests the killed process had accepted die with it (reset or EOF); nothing is refused
+    // and nothing waits past its timeout: queued connections are served by the restart.
+    assert_eq!(report.failures.refused, 0, "{report}");
+    assert_eq!(report.failures.timeout, 0, "{report}");
+    assert!(report.ok_matching(|b| b == body) > 0, "{report}");
+    wait_stderr(&sv, "the app failed; restarting it", T);
+    let status = sv.status_json();
+    assert!(status.contains("\"restarts\":1"), "{status}");
+    assert!(
+        status.contains(&format!(
+            "\"current\":{{\"generation\":2,\"pid\":{}",
+            second.pid
+        )),
+        "{status}"
+    );
+    sv.signal(Signal::SIGTERM);
+    assert_eq!(sv.wait_exit(T), Exit::Code(0), "{}", sv.server.dump());
+}
+
+#[test]
+fn crash_loop_gives_up_with_the_status() {
+    let dir = TempDir::new("crashloop");
+    let started = Instant::now();
+    let sv = Supervised::start(
+        Tier::Subreaper,
+        &dir,
+        &[],
+        &[OsStr::new("sh"), OsStr::new("-c"), OsStr::new("exit 3")],
+    );
+    assert_eq!(sv.wait_exit(T), Exit::Code(3), "{}", sv.server.dump());
+    let log = sv.server.stderr();
+    assert_eq!(
+        log.matches("the app failed; restarting it").count(),
+        5,
+        "{log}"
+    );
+    assert!(log.contains("crash loop"), "{log}");
+    // Back-off: 100 ms doubling, 5 restarts.
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn an_app_that_exits_0_unasked_ends_the_supervisor() {
+    let dir = TempDir::new("exit0");
+    let sv = Supervised::start(Tier::Subreaper, &dir, &[], &[OsStr::new("true")]);
+    assert_eq!(sv.wait_exit(T), Exit::Code(0), "{}", sv.server.dump());
+    let log = sv.server.stderr();
+    assert!(
+        log.contains("exited with status 0 without being asked"),
+        "{log}"
+    );
+    assert!(!log.contains("restarting"), "{log}");
+}
+
+#[test]
+fn shutdown_delay_keeps_serving_then_drains() {
+    let dir = TempDir::new("delay");
+    let sv = http(Tier::Subreaper, &dir, &["--shutdown-delay", "1s"]);
+    let addr = sv.server.wait_ready(1).addr;
+    let load = Load::start(
+        LoadConfig::new(addr, Mode::KeepAlive { connections: 4 })
+            .max_duration(Duration::from_secs(60)),
+    );
+    load.wait_for_ok(50, T).expect("load flowing");
+    let sent = Instant::now();
+    sv.signal(Signal::SIGTERM);
+    wait_stderr(&sv, "still serving during the shutdown delay", T);
+    // Upgrades are refused once a stop began.
+    let out = sv.upgrade();
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(
+        out.stdout.contains("refused: the supervisor is stopping"),
+        "{out:?}"
+    );
+    // Still serving, well into the delay.
+    load.wait_for_more_ok(200, T)
+        .expect("serving during the delay");
+    let report = load.stop();
+    assert!(
+        sent.elapsed() < Duration::from_millis(1000),
+        "the check ran past the delay: {:?}",
+        sent.elapsed()
+    );
+    report.assert_no_failures();
+    assert_eq!(sv.wait_exit(T), Exit::Code(0), "{}", sv.server.dump());
+    assert!(
+        sent.elapsed() >= Duration::from_secs(1),
+        "{:?}",
+        sent.elapsed()
+    );
+    let log = sv.server.stderr();
+    let over = log.find("shutdown delay over").expect("delay over");
+    let told = log.find("generation told to stop").expect("stop sent");
+    assert!(over < told, "{log}");
+}
+
+#[test]
+fn control_socket_is_for_the_supervisors_user_only() {
+    // SAFETY: geteuid takes no arguments and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipping: needs root to run a client as another user");
+        return;
+    }
+    let dir = TempDir::new("control");
+    let sv = http(Tier::Subreaper, &dir, &[]);
+    sv.server.wait_ready(1);
+    let mode = std::fs::metadata(&sv.control)
+        .expect("control socket")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "mode {mode:o}");
+    let out = sv.client(&["status"], T);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stdout.contains("current: generation 1 pid "), "{out:?}");
+
+    let as_nobody = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(support::handover());
+        cmd.args(args).arg("--control").arg(&sv.control);
+        cmd.uid(65534).gid(65534);
+        run_with_deadline(cmd, T)
+    };
+    // The file mode keeps others out...
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).expect("chmod");
+    let out = as_nobody(&["status"]);
+    assert_eq!(out.code, Some(2), "{out:?}");
+    assert!(out.stderr.contains("Permission denied"), "{out:?}");
+    // ...and with the mode opened up, SO_PEERCRED still does.
+    std::fs::set_permissions(&sv.control, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+    for args in [&["status"][..], &["upgrade"][..]] {
+        let out = as_nobody(args);
+        assert_eq!(out.code, Some(2), "{args:?}: {out:?}");
+        assert!(
+            out.stderr
+                .contains("uid 65534 may not use this control socket"),
+            "{args:?}: {out:?}"
+        );
+    }
+    wait_stderr(
+        &sv,
+        "control connection refused: not the supervisor's user",
+        T,
+    );
+    assert!(!sv.server.stderr().contains("upgrade requested"));
+
+    // One supervisor per control path.
+    let mut cmd = support::run_command(Tier::Subreaper, &sv.control, &[], &[OsStr::new("true")]);
+    cmd.env("HANDOVER_LOG", "off");
+    let second = ServerProcess::spawn(cmd);
+    assert_eq!(
+        second.wait_exit(second.pid(), T),
+        Ok(Exit::Code(1)),
+        "{}",
+        second.dump()
+    );
+    assert!(
+        second
+            .stderr()
+            .contains("another handover supervisor is listening there"),
+        "{}",
+        second.dump()
+    );
+    sv.signal(Signal::SIGTERM);
+    assert_eq!(sv.wait_exit(T), Exit::Code(0), "{}", sv.server.dump());
+    assert!(
+        !sv.control.exists(),
+        "the control socket is removed on exit"
+    );
+}
+
+#[test]
+fn a_stale_control_socket_is_replaced() {
+    let dir = TempDir::new("stale");
+    let path = dir.join("control.sock");
+    drop(std::os::unix::net::UnixListener::bind(&path).expect("bind"));
+    assert!(path.exists());
+    let sv = Supervised::start(
+        Tier::Subreaper,
+        &dir,
+        &["--ready", "delay:0s"],
+        &[OsStr::new("sleep"), OsStr::new("30")],
+    );
+    wait_stderr(&sv, "removing the stale control socket", T);
+    let out = sv.client(&["status", "--json"], T);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stdout.starts_with("{\"supervisor\":"), "{out:?}");
+    sv.signal(Signal::SIGTERM);
+    assert_eq!(sv.wait_exit(T), Exit::Code(143), "{}", sv.server.dump());
+}
