@@ -4,8 +4,9 @@
 //! systemd socket activation (it checks that `LISTEN_PID` is its own pid, as libsystemd,
 //! gunicorn and go-systemd do) and says ready with Debian's `systemd-notify --ready`, which
 //! sends `READY=1` from its own pid, then `BARRIER=1` with an fd, and waits until the receiver
-//! closes that fd. Also: TCP, Unix and UDP sockets by name, and `--ready exec:CMD` for an app
-//! that does not notify.
+//! closes that fd. Also: TCP, Unix and UDP sockets by name, `--ready exec:CMD` for an app
+//! that does not notify, and gunicorn (when installed: `pip install gunicorn`), which ignores
+//! `LISTEN_FDS` unless `LISTEN_PID` is its own pid and says `READY=1` itself.
 
 mod common;
 mod support;
@@ -15,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::load::get;
+use common::load::{get, Load, LoadConfig, Mode};
 use common::{wait_for, Exit, Ready, Signal};
 use support::{wait_stderr, Supervised, TempDir, Tier};
 
@@ -208,6 +209,83 @@ fn ready_exec_command_for_an_app_that_does_not_notify() {
         }
     })
     .expect("served by generation 2");
+    sv.signal(Signal::SIGTERM);
+    assert_eq!(sv.wait_exit(T), Exit::Code(0), "{}", sv.server.dump());
+}
+
+#[test]
+fn gunicorn_upgrades_under_load() {
+    let Some(python) = python() else {
+        eprintln!("skipping: no python3");
+        return;
+    };
+    let has_gunicorn = Command::new(&python)
+        .args(["-c", "import gunicorn"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_gunicorn {
+        eprintln!("skipping: gunicorn is not installed (pip install gunicorn)");
+        return;
+    }
+    let dir = TempDir::new("gunicorn");
+    let support = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support");
+    let sv = Supervised::start_with(
+        Tier::Subreaper,
+        &dir,
+        &["--listen", "tcp://127.0.0.1:0", "--drain-timeout", "10s"],
+        &[
+            python.as_os_str(),
+            OsStr::new("-m"),
+            OsStr::new("gunicorn"),
+            OsStr::new("--workers"),
+            OsStr::new("2"),
+            OsStr::new("--chdir"),
+            support.as_os_str(),
+            OsStr::new("wsgi_app:app"),
+        ],
+        |cmd| {
+            // gunicorn keeps files under $HOME; keep them in the test's directory.
+            cmd.env("HOME", dir.path());
+        },
+    );
+    wait_stderr(&sv, "generation ready generation=1", T);
+    let status = sv.status_json();
+    let addr: std::net::SocketAddr = status
+        .split("\"address\":\"tcp://")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {status}"));
+    // gunicorn serves on our socket: it took fd 3, so LISTEN_PID was its pid (otherwise it
+    // would have bound its default 127.0.0.1:8000).
+    wait_for("gunicorn generation 1 serving", T, || {
+        get(addr, "/", T)
+            .ok()
+            .filter(|r| r.is_success() && r.body_str().ends_with("generation=1"))
+            .ok_or("not yet".to_owned())
+    })
+    .expect("generation 1 serves");
+    let load = Load::start(
+        LoadConfig::new(addr, Mode::PerRequest { concurrency: 4 })
+            .max_duration(Duration::from_secs(60)),
+    );
+    load.wait_for_ok(50, T).expect("load flowing");
+    for generation in 2..=4 {
+        let out = sv.upgrade();
+        assert_eq!(out.code, Some(0), "{out:?}\n{}", sv.server.dump());
+        let suffix = format!("generation={generation}");
+        load.wait_for_body(|b| b.ends_with(&suffix), T)
+            .unwrap_or_else(|e| panic!("traffic did not move to generation {generation}: {e}"));
+        load.wait_for_more_ok(50, T).expect("load flowing");
+    }
+    let report = load.stop();
+    eprintln!("{report}");
+    report.assert_no_failures();
+    let status = sv.status_json();
+    assert!(
+        status.contains("\"status\":\"Gunicorn arbiter booted\""),
+        "{status}"
+    );
     sv.signal(Signal::SIGTERM);
     assert_eq!(sv.wait_exit(T), Exit::Code(0), "{}", sv.server.dump());
 }
