@@ -185,7 +185,8 @@ fn upgrade_command_reports_success_and_each_failure() {
             true,
         ),
         (
-            "exec sleep 1000",
+            // Not exec: the shell's own child must be killed with it.
+            "sleep 1000; exit 0",
             0o755,
             "was not ready within 2s (--ready-timeout)",
             true,
@@ -211,6 +212,16 @@ fn upgrade_command_reports_success_and_each_failure() {
         let pid = failed_pid(&last, generation);
         assert_eq!(pid.is_some(), *had_pid, "{last}");
         assert_reaped(&sv, pid);
+        let sleeping: Vec<_> = sv
+            .server
+            .group_members()
+            .into_iter()
+            .filter(|p| p.comm == "sleep")
+            .collect();
+        assert!(
+            sleeping.is_empty(),
+            "left behind by generation {generation}: {sleeping:?}"
+        );
         load.wait_for_ok(served_before + 10, T)
             .expect("generation 2 keeps serving");
     }

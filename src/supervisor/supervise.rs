@@ -236,6 +236,45 @@ fn in_tree_of(pid: i32, ancestor: i32) -> bool {
     false
 }
 
+/// Every process below `root` in the process tree (children, grandchildren,
+/// ...), by the parent pids in `/proc`.
+fn descendants(root: i32) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut parents: Vec<(i32, i32)> = Vec::new();
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        if let Some(ppid) = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().nth(1))
+            .and_then(|p| p.parse().ok())
+        {
+            parents.push((pid, ppid));
+        }
+    }
+    let mut found = Vec::new();
+    let mut frontier = vec![root];
+    while let Some(parent) = frontier.pop() {
+        for (pid, _) in parents.iter().filter(|(_, ppid)| *ppid == parent) {
+            if !found.contains(pid) && *pid != root {
+                found.push(*pid);
+                frontier.push(*pid);
+            }
+        }
+    }
+    found
+}
+
 impl Supervisor {
     fn now() -> Instant {
         Instant::now()
@@ -318,6 +357,25 @@ impl Supervisor {
             "generation started"
         );
         Ok(pid)
+    }
+
+    /// SIGKILL to a generation and every process it started: nothing of a
+    /// failed or timed-out generation may keep running (or keep serving on
+    /// an inherited socket) once it is reaped.
+    fn kill_tree(&self, number: u64, pid: i32) {
+        let below = descendants(pid);
+        for p in &below {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p), Signal::SIGKILL);
+        }
+        self.send_signal(pid, Signal::SIGKILL);
+        if !below.is_empty() {
+            info!(
+                generation = number,
+                pid,
+                descendants = below.len(),
+                "killed the processes it started too"
+            );
+        }
     }
 
     fn send_signal(&self, pid: i32, signal: Signal) {
@@ -723,7 +781,7 @@ impl Supervisor {
             gen.ready_deadline = None;
             gen.delay_ready_at = None;
         }
-        self.send_signal(pid, Signal::SIGKILL);
+        self.kill_tree(number, pid);
     }
 
     fn finish_upgrade_failure(&mut self, reason: String, pid: Option<i32>) {
@@ -1097,7 +1155,7 @@ impl Supervisor {
                 gen.kill_at = None;
                 let pid = gen.pid;
                 warn!(generation = number, pid, "drain timeout: SIGKILL");
-                self.send_signal(pid, Signal::SIGKILL);
+                self.kill_tree(number, pid);
                 continue;
             }
             let waiting =
@@ -1399,7 +1457,7 @@ pub(crate) fn run(cfg: RunConfig) -> Result<i32, Error> {
                     Err(e) => {
                         error!(error = %e, "cannot read signals; killing the app and exiting");
                         for gen in sup.gens.values() {
-                            sup.send_signal(gen.pid, Signal::SIGKILL);
+                            sup.kill_tree(gen.number, gen.pid);
                         }
                         return Err(Error::io("reading the signalfd", e));
                     }
@@ -1436,6 +1494,29 @@ mod tests {
             exit_code(WaitStatus::Signaled(pid, Signal::SIGTERM, true)),
             143
         );
+    }
+
+    #[test]
+    fn descendants_are_found() {
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & sleep 30 & wait"])
+            .spawn()
+            .unwrap();
+        let root = child.id() as i32;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let found = loop {
+            let found = descendants(root);
+            if found.len() == 2 || Instant::now() > deadline {
+                break found;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        assert_eq!(found.len(), 2, "{found:?}");
+        for pid in found {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 
     #[test]
