@@ -1,37 +1,9 @@
-//! `handover run`: the container entrypoint, a PID-1 supervisor that owns
-//! the listening sockets and swaps app generations on SIGHUP.
+#![doc = include_str!("guide.md")]
 //!
-//! ```text
-//! ENTRYPOINT ["handover", "run", "--listen", "tcp://0.0.0.0:8080", "--"]
-//! CMD ["/app/server", "--config", "/etc/app.toml"]
-//! ```
+//! # API
 //!
-//! The supervisor binds every `--listen` socket once and starts the command
-//! with them by the crate's protocol (systemd socket activation:
-//! `LISTEN_FDS`, `LISTEN_FDNAMES`, `LISTEN_PID`; `NOTIFY_SOCKET` for
-//! `READY=1`; `HANDOVER_GENERATION`; `HANDOVER_SUPERVISOR`, which tells a
-//! library app that upgrades belong to the supervisor). Then:
-//!
-//! - **upgrade** on SIGHUP or `handover upgrade`: the next generation starts
-//!   with the same sockets; once ready, the old one gets the stop signal and
-//!   SIGKILL after the drain timeout. A generation that exits, crashes, is not
-//!   ready in time or cannot be started is killed and reaped, and the old one
-//!   keeps serving. One upgrade runs at a time; triggers during one are
-//!   coalesced into the next;
-//! - **PID-1 duties**: every process is reaped (orphans too; outside a PID
-//!   namespace the supervisor is a child subreaper), signals it does not
-//!   handle are forwarded to the current generation, children start with an
-//!   empty signal mask and default dispositions, and the supervisor exits with
-//!   the app's status (128 + signal when it was killed);
-//! - **stop** on SIGTERM or SIGINT: the shutdown delay, then the stop signal,
-//!   SIGKILL after the drain timeout, exit with the app's status;
-//! - **crash restart**: a generation that fails unasked is restarted with
-//!   back-off while the sockets stay open (clients wait in the backlog);
-//!   after a crash loop the supervisor gives up and exits with its status;
-//! - **control socket** for `handover upgrade` and `handover status`.
-//!
-//! The binary only parses its arguments ([`cli::parse`]) and calls [`run`],
-//! [`upgrade`] or [`status`].
+//! The `handover` binary only parses its arguments ([`cli::parse`]), installs the [`Logger`],
+//! and calls [`run`], [`upgrade`] or [`status`].
 
 pub mod cli;
 mod control;

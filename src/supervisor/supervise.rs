@@ -623,6 +623,13 @@ impl Supervisor {
         if trigger == Trigger::Control {
             pending.trigger = trigger;
         }
+        if let (Some(w), true) = (&waiter, pending.told_draining) {
+            let _ = w.send(format!(
+                "waiting: old generations are still draining (--max-draining {}); the \
+                 upgrade starts when one has exited",
+                self.cfg.max_draining
+            ));
+        }
         pending.waiters.extend(waiter);
         self.maybe_start_upgrade();
     }
@@ -1071,6 +1078,14 @@ impl Supervisor {
             return;
         }
         let was_shutting_down = matches!(self.phase, Phase::ShuttingDown { .. });
+        // Without a current generation (it ended during an upgrade), its
+        // status is the one to exit with.
+        let code = code.or_else(|| {
+            self.current.is_none().then(|| {
+                self.lost_current
+                    .map_or(self.last_crash_code, |(status, _)| exit_code(status))
+            })
+        });
         self.phase = Phase::Stopping {
             stop_gen: if code.is_none() { self.current } else { None },
             code,
