@@ -322,7 +322,7 @@ fn stop_kills_after_the_drain_timeout() {
         "SIGKILL came before the drain timeout: {:?}",
         sent.elapsed()
     );
-    assert!(sv.server.stderr().contains("drain timeout: SIGKILL"));
+    support::wait_stderr(&sv, "drain timeout: SIGKILL", T);
 }
 
 #[test]

@@ -90,7 +90,7 @@ fn crash_loop_gives_up_with_the_status() {
         &[OsStr::new("sh"), OsStr::new("-c"), OsStr::new("exit 3")],
     );
     assert_eq!(sv.wait_exit(T), Exit::Code(3), "{}", sv.server.dump());
-    let log = sv.server.stderr();
+    let log = support::final_log(&sv);
     assert_eq!(
         log.matches("the app failed; restarting it").count(),
         5,
@@ -110,7 +110,7 @@ fn an_app_that_exits_0_unasked_ends_the_supervisor() {
     let dir = TempDir::new("exit0");
     let sv = Supervised::start(Tier::Subreaper, &dir, &[], &[OsStr::new("true")]);
     assert_eq!(sv.wait_exit(T), Exit::Code(0), "{}", sv.server.dump());
-    let log = sv.server.stderr();
+    let log = support::final_log(&sv);
     assert!(
         log.contains("exited with status 0 without being asked"),
         "{log}"
@@ -154,7 +154,7 @@ fn shutdown_delay_keeps_serving_then_drains() {
         "{:?}",
         sent.elapsed()
     );
-    let log = sv.server.stderr();
+    let log = support::final_log(&sv);
     let over = log.find("shutdown delay over").expect("delay over");
     let told = log.find("generation told to stop").expect("stop sent");
     assert!(over < told, "{log}");
@@ -218,13 +218,7 @@ fn control_socket_is_for_the_supervisors_user_only() {
         "{}",
         second.dump()
     );
-    assert!(
-        second
-            .stderr()
-            .contains("another handover supervisor is listening there"),
-        "{}",
-        second.dump()
-    );
+    support::wait_server_stderr(&second, "another handover supervisor is listening there", T);
     sv.signal(Signal::SIGTERM);
     assert_eq!(sv.wait_exit(T), Exit::Code(0), "{}", sv.server.dump());
     assert!(
@@ -246,6 +240,7 @@ fn a_stale_control_socket_is_replaced() {
         &[OsStr::new("sleep"), OsStr::new("30")],
     );
     wait_stderr(&sv, "removing the stale control socket", T);
+    wait_stderr(&sv, "supervisor started", T);
     let out = sv.client(&["status", "--json"], T);
     assert_eq!(out.code, Some(0), "{out:?}");
     assert!(out.stdout.starts_with("{\"supervisor\":"), "{out:?}");

@@ -225,7 +225,7 @@ fn upgrade_command_reports_success_and_each_failure() {
         load.wait_for_ok(served_before + 10, T)
             .expect("generation 2 keeps serving");
     }
-    assert!(sv.server.stderr().contains("failing on purpose"));
+    wait_stderr(&sv, "failing on purpose", T);
 
     // Fixed: the next upgrade works, numbering goes on.
     write_script(&app, &good, 0o755);
@@ -414,7 +414,7 @@ fn upgrades_wait_for_a_draining_slot() {
         "the upgrade did not wait for generation 1 to go: {:?}",
         started.elapsed()
     );
-    assert!(sv.server.stderr().contains("drain timeout: SIGKILL"));
+    wait_stderr(&sv, "drain timeout: SIGKILL", T);
     // The app ignores SIGTERM: a stop ends in SIGKILL after the drain timeout.
     sv.signal(Signal::SIGTERM);
     assert_eq!(sv.wait_exit(T), Exit::Code(128 + 9), "{}", sv.server.dump());

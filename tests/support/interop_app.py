@@ -4,7 +4,8 @@
 It takes its sockets the way systemd socket activation defines it (LISTEN_PID must be its own
 pid, sockets at fds 3..), says ready with Debian's `systemd-notify --ready` (which sends
 BARRIER=1 with an fd and waits until the receiver closes it), and serves `pid=<pid>
-generation=<n>` over HTTP/1.1 with `Connection: close` until SIGTERM, then exits 0.
+generation=<n>` over HTTP/1.1 with `Connection: close` until SIGTERM, then finishes the request
+it is serving, if any, and exits 0.
 
 Modes (argv[1]):
   notify      one TCP socket; readiness by systemd-notify
@@ -46,7 +47,15 @@ def main():
     elif count != 1:
         fail(f"LISTEN_FDS={count}")
     web = socks[0]
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # SIGTERM: finish the request being served, if any, then exit 0.
+    state = {"busy": False, "stop": False}
+
+    def on_term(*_):
+        state["stop"] = True
+        if not state["busy"]:
+            sys.exit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
     host, port = web.getsockname()[:2]
     notify_rc, notify_ms = "none", 0
     if mode == "file":
@@ -65,8 +74,9 @@ def main():
         len(body),
         body,
     )
-    while True:
+    while not state["stop"]:
         conn, _ = web.accept()
+        state["busy"] = True
         with conn:
             request = b""
             while b"\r\n\r\n" not in request:
@@ -76,6 +86,8 @@ def main():
                 request += chunk
             if request:
                 conn.sendall(reply)
+        state["busy"] = False
+    sys.exit(0)
 
 
 main()

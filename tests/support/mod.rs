@@ -314,17 +314,24 @@ pub fn signal_masks(pid: Pid) -> (String, String) {
 
 /// Waits until the supervisor's stderr contains `needle`.
 pub fn wait_stderr(sv: &Supervised, needle: &str, timeout: Duration) {
-    wait_for(
-        format!("{needle:?} on the supervisor's stderr"),
-        timeout,
-        || {
-            let err = sv.server.stderr();
-            if err.contains(needle) {
-                Ok(())
-            } else {
-                Err(format!("{} bytes of stderr", err.len()))
-            }
-        },
-    )
-    .unwrap_or_else(|e| panic!("{e}\n{}", sv.server.dump()));
+    wait_server_stderr(&sv.server, needle, timeout);
+}
+
+/// Waits until `server`'s stderr contains `needle` (output is read by threads: it may lag
+/// behind the process, even after it exited), and returns the stderr seen.
+pub fn wait_server_stderr(server: &ServerProcess, needle: &str, timeout: Duration) -> String {
+    wait_for(format!("{needle:?} on stderr"), timeout, || {
+        let err = server.stderr();
+        if err.contains(needle) {
+            Ok(err)
+        } else {
+            Err(format!("{} bytes of stderr", err.len()))
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", server.dump()))
+}
+
+/// The supervisor's whole log, once it has logged its exit.
+pub fn final_log(sv: &Supervised) -> String {
+    wait_server_stderr(&sv.server, "supervisor exiting", Duration::from_secs(20))
 }
