@@ -247,3 +247,34 @@ fn a_stale_control_socket_is_replaced() {
     sv.signal(Signal::SIGTERM);
     assert_eq!(sv.wait_exit(T), Exit::Code(143), "{}", sv.server.dump());
 }
+
+#[test]
+fn a_stop_during_an_upgrade_fails_it_and_tells_the_client() {
+    let dir = TempDir::new("stop-upgrade");
+    let sv = Supervised::start(
+        Tier::Subreaper,
+        &dir,
+        &["--ready", "delay:10s", "--ready-timeout", "15s"],
+        &[OsStr::new("sleep"), OsStr::new("60")],
+    );
+    wait_stderr(&sv, "supervisor started", T);
+    let client = {
+        let control = sv.control.clone();
+        std::thread::spawn(move || {
+            let mut cmd = std::process::Command::new(support::handover());
+            cmd.args(["upgrade", "--timeout", "20s", "--control"])
+                .arg(control);
+            run_with_deadline(cmd, Duration::from_secs(30))
+        })
+    };
+    wait_stderr(&sv, "upgrade started generation=2", T);
+    sv.signal(Signal::SIGTERM);
+    let out = client.join().expect("client thread");
+    assert_eq!(out.code, Some(1), "{out:?}\n{}", sv.server.dump());
+    assert!(
+        out.stdout.contains("failed: the supervisor is stopping"),
+        "{out:?}"
+    );
+    // `sleep` dies of SIGTERM.
+    assert_eq!(sv.wait_exit(T), Exit::Code(143), "{}", sv.server.dump());
+}

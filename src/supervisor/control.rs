@@ -125,13 +125,24 @@ pub(crate) fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener, Erro
     Ok(listener)
 }
 
-/// Accepts control connections until the runtime ends, one task each.
-pub(crate) async fn serve(listener: UnixListener, requests: mpsc::UnboundedSender<Request>) {
+/// Accepts control connections until aborted, one task each. Every task
+/// holds a clone of `alive` until it has written its last line, so that the
+/// supervisor can let clients read their outcome before it exits.
+pub(crate) async fn serve(
+    listener: UnixListener,
+    requests: mpsc::UnboundedSender<Request>,
+    alive: mpsc::Sender<()>,
+) {
     let own_uid = crate::sys::euid();
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(handle(stream, requests.clone(), own_uid));
+                let alive = alive.clone();
+                let requests = requests.clone();
+                tokio::spawn(async move {
+                    handle(stream, requests, own_uid).await;
+                    drop(alive);
+                });
             }
             Err(e) => {
                 // Out of fds and the like: the connection stays queued; try

@@ -44,6 +44,8 @@ const CRASH_LOOP_LIMIT: u32 = 5;
 /// A generation that ran at least this long before crashing starts a new
 /// count of crashes in a row.
 const CRASH_RESET: Duration = Duration::from_secs(10);
+/// How long an exiting supervisor lets control clients read their last line.
+const CLIENT_FLUSH: Duration = Duration::from_millis(500);
 /// How far up the process tree a notification sender may be from the
 /// generation it speaks for.
 const MAX_TREE_DEPTH: usize = 64;
@@ -1391,7 +1393,8 @@ pub(crate) fn run(cfg: RunConfig) -> Result<i32, Error> {
         let control = tokio::net::UnixListener::from_std(control)
             .map_err(|e| Error::io("registering the control socket", e))?;
         let (requests_tx, mut requests) = mpsc::unbounded_channel();
-        tokio::spawn(control::serve(control, requests_tx));
+        let (alive_tx, mut alive) = mpsc::channel::<()>(1);
+        let control_server = tokio::spawn(control::serve(control, requests_tx, alive_tx));
         let (events_tx, mut events) = mpsc::unbounded_channel();
         let mut sup = Supervisor {
             spawner: Spawner {
@@ -1453,6 +1456,12 @@ pub(crate) fn run(cfg: RunConfig) -> Result<i32, Error> {
             if let Some(code) = sup.exit_code {
                 info!(code, "supervisor exiting");
                 sup.registry.unlink_unix_paths();
+                // Let control clients read their last line (an upgrade's
+                // outcome): every waiter is gone with `sup`, so their tasks
+                // end once written.
+                drop(sup);
+                control_server.abort();
+                let _ = tokio::time::timeout(CLIENT_FLUSH, alive.recv()).await;
                 return Ok(code);
             }
             let deadline = sup.next_deadline();
