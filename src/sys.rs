@@ -534,3 +534,35 @@ fn reset_disposition(sig: libc::c_int) {
         );
     }
 }
+
+/// Marks every fd from `first` up close-on-exec, so that nothing this
+/// process inherited (beyond what it passes on explicitly) reaches the
+/// programs it starts. Returns how many fds it marked.
+pub(crate) fn cloexec_from(first: RawFd) -> io::Result<usize> {
+    let mut numbers = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/fd")? {
+        if let Some(fd) = entry?
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<RawFd>().ok())
+        {
+            if fd >= first {
+                numbers.push(fd);
+            }
+        }
+    }
+    let mut marked = 0;
+    for fd in numbers {
+        // SAFETY: F_GETFD/F_SETFD only read and set the descriptor flags of
+        // the number; on a number that is not open (the directory's own fd,
+        // closed by now) they fail with EBADF and change nothing.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        if flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
+            // SAFETY: as above.
+            if unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) } == 0 {
+                marked += 1;
+            }
+        }
+    }
+    Ok(marked)
+}

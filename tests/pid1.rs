@@ -347,3 +347,45 @@ fn sigint_stops_with_the_configured_stop_signal() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(sv.wait_exit(T), Exit::Code(0), "{}", sv.server.dump());
 }
+
+#[test]
+fn the_child_inherits_only_stdio_and_the_sockets() {
+    // S9: nothing of the supervisor's (signalfd, epoll, control and notification sockets,
+    // pipes) leaks into the app, which gets fds 0-2 and its listeners at 3...
+    for tier in TIERS {
+        if !require_namespaces(tier) {
+            continue;
+        }
+        let dir = TempDir::new("fds");
+        let sv = Supervised::start(
+            tier,
+            &dir,
+            &[
+                "--ready",
+                "delay:0s",
+                "--listen",
+                "a=tcp://127.0.0.1:0",
+                "--listen",
+                "b=udp://127.0.0.1:0",
+            ],
+            &[OsStr::new("sleep"), OsStr::new("30")],
+        );
+        let child = wait_for("the child to exec sleep", T, || {
+            let kids = sv.children();
+            match kids.as_slice() {
+                [only] if only.comm == "sleep" => Ok(only.clone()),
+                _ => Err(format!("{kids:?}")),
+            }
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        let fds = common::fd_targets(child.pid).expect("fds of the child");
+        let numbers: Vec<i32> = fds.iter().map(|(n, _)| *n).collect();
+        assert_eq!(numbers, [0, 1, 2, 3, 4], "{tier:?}: {fds:?}");
+        assert!(
+            fds[3].1.starts_with("socket:") && fds[4].1.starts_with("socket:"),
+            "{fds:?}"
+        );
+        sv.signal(Signal::SIGTERM);
+        assert_eq!(sv.wait_exit(T), Exit::Code(143), "{}", sv.server.dump());
+    }
+}

@@ -19,7 +19,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::load::{Load, LoadConfig, Mode};
-use common::{wait_for, Exit, Signal};
+use common::{fd_targets, wait_for, Exit, Signal};
 use support::{http_server, probe, wait_ready_in, wait_stderr, Supervised, TempDir, Tier};
 
 const T: Duration = Duration::from_secs(20);
@@ -53,6 +53,7 @@ fn upgrades_under_load(tier: Tier, mode: Mode) {
         ],
     );
     let first = wait_ready_in(&log, 1, T).unwrap_or_else(|e| panic!("{e}\n{}", sv.server.dump()));
+    let fds_at_start = fd_targets(sv.pid()).expect("supervisor fds");
     let load = Load::start(LoadConfig::new(first.addr, mode).max_duration(Duration::from_secs(90)));
     load.wait_for_ok(50, T).expect("load flowing");
     let mut pids = vec![first.pid];
@@ -84,6 +85,13 @@ fn upgrades_under_load(tier: Tier, mode: Mode) {
     // Every old generation drains and is reaped: the newest is the only child left.
     let left = sv.wait_single_child(T);
     assert!(left.state != 'Z');
+    // S9: nothing accumulates in the supervisor (notification sockets, pidfds, pipes).
+    let fds_now = fd_targets(sv.pid()).expect("supervisor fds");
+    assert_eq!(
+        fds_now.len(),
+        fds_at_start.len(),
+        "supervisor fds after {UPGRADES} upgrades: {fds_now:?}, at the start: {fds_at_start:?}"
+    );
     let status = sv.status_json();
     assert!(
         status.contains(&format!(

@@ -1359,6 +1359,8 @@ pub(crate) fn run(cfg: RunConfig) -> Result<i32, Error> {
     // First, while we have one thread: queue signals instead of dying of
     // them (and as PID 1, instead of losing them).
     let signal_fd = signals::block().map_err(|e| Error::io("blocking signals", e))?;
+    // The app gets stdio and its sockets, nothing else we inherited.
+    let inherited = sys::cloexec_from(3).map_err(|e| Error::io("listing inherited fds", e))?;
     let own_pid = std::process::id() as i32;
     if own_pid != 1 {
         nix::sys::prctl::set_child_subreaper(true)
@@ -1427,6 +1429,12 @@ pub(crate) fn run(cfg: RunConfig) -> Result<i32, Error> {
             exit_code: None,
             cfg,
         };
+        if inherited > 0 {
+            info!(
+                fds = inherited,
+                "fds inherited by the supervisor are not passed on"
+            );
+        }
         info!(
             pid = own_pid,
             pid1 = own_pid == 1,
