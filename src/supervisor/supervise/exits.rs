@@ -1,0 +1,292 @@
+//! Exits: the reaper's dispatch, crash restarts, and stopping for good.
+
+use super::*;
+
+impl Supervisor {
+    pub(super) fn reap(&mut self) {
+        loop {
+            let reaped = if self.cfg.debug_no_reap {
+                // Test-only: reap the processes we started, one by one, and
+                // leave orphans as zombies.
+                let known: Vec<i32> = self
+                    .gens
+                    .values()
+                    .map(|g| g.pid)
+                    .chain(self.probes.keys().copied())
+                    .collect();
+                known
+                    .into_iter()
+                    .find_map(|pid| sys::reap_pid(pid).ok().flatten())
+            } else {
+                match sys::reap_any() {
+                    Ok(r) => r,
+                    Err(e) => {
+                        error!(error = %e, "waitpid failed");
+                        None
+                    }
+                }
+            };
+            let Some(status) = reaped else {
+                return;
+            };
+            let Some(pid) = status.pid() else {
+                continue;
+            };
+            self.on_exit(pid.as_raw(), status);
+        }
+    }
+
+    pub(super) fn on_exit(&mut self, pid: i32, status: WaitStatus) {
+        if let Some(number) = self.probes.remove(&pid) {
+            self.on_probe_exit(number, pid, status);
+            return;
+        }
+        let Some(number) = self.gens.values().find(|g| g.pid == pid).map(|g| g.number) else {
+            debug!(pid, status = %describe(status), "reaped an orphaned process");
+            return;
+        };
+        let Some(gen) = self.gens.remove(&number) else {
+            return;
+        };
+        let code = exit_code(status);
+        let ran = gen.started.elapsed();
+        if let Some(probe) = gen.probe_pid {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(probe), Signal::SIGKILL);
+        }
+        let was_current = self.current == Some(number);
+        if was_current {
+            self.current = None;
+        }
+        if let Phase::Stopping {
+            stop_gen: Some(n),
+            code: c,
+        } = &mut self.phase
+        {
+            if *n == number {
+                *c = Some(code);
+            }
+        }
+        match gen.role {
+            Role::Candidate => {
+                let reason = format!(
+                    "generation {number} (pid {pid}) {} before it was ready",
+                    describe(status)
+                );
+                self.finish_upgrade_failure(reason, Some(pid));
+            }
+            Role::Killed => {
+                info!(generation = number, pid, status = %describe(status), "failed generation reaped");
+                let reason = self
+                    .upgrade
+                    .as_mut()
+                    .and_then(|u| u.failure.take())
+                    .unwrap_or_else(|| format!("generation {number} (pid {pid}) was killed"));
+                self.finish_upgrade_failure(reason, Some(pid));
+            }
+            Role::Draining if !was_current => {
+                let clean = code == 0;
+                if clean {
+                    info!(generation = number, pid, status = %describe(status), "old generation exited");
+                } else {
+                    warn!(generation = number, pid, status = %describe(status), "old generation exited");
+                }
+            }
+            Role::Draining | Role::Current => self.current_ended(number, pid, status, ran),
+        }
+    }
+
+    pub(super) fn current_ended(
+        &mut self,
+        number: u64,
+        pid: i32,
+        status: WaitStatus,
+        ran: Duration,
+    ) {
+        match self.phase {
+            Phase::Stopping { .. } => {
+                info!(generation = number, pid, status = %describe(status), "generation stopped");
+            }
+            Phase::ShuttingDown { .. } => {
+                warn!(generation = number, pid, status = %describe(status), "generation exited during the shutdown delay");
+                self.begin_final(Some(exit_code(status)));
+            }
+            Phase::Running | Phase::Restarting { .. } => {
+                if let Some(up) = self.upgrade.as_ref().filter(|u| u.failure.is_none()) {
+                    warn!(
+                        generation = number,
+                        pid,
+                        status = %describe(status),
+                        next = up.number,
+                        "generation exited during an upgrade; the new generation takes over if it becomes ready"
+                    );
+                    self.lost_current = Some((status, ran));
+                    return;
+                }
+                self.after_current_ended(status, ran);
+            }
+        }
+    }
+
+    /// The current generation ended unasked and nothing replaces it: restart
+    /// it, or stop, by the policy.
+    pub(super) fn after_current_ended(&mut self, status: WaitStatus, ran: Duration) {
+        let code = exit_code(status);
+        self.last_crash_code = code;
+        if self.cfg.restart == RestartPolicy::Never {
+            info!(status = %describe(status), "the app exited; --restart never: stopping");
+            self.begin_final(Some(code));
+            return;
+        }
+        if matches!(status, WaitStatus::Exited(_, 0)) {
+            info!("the app exited with status 0 without being asked to; stopping");
+            self.begin_final(Some(0));
+            return;
+        }
+        if ran >= CRASH_RESET {
+            self.crashes = 0;
+        }
+        self.crashes += 1;
+        if self.crashes > CRASH_LOOP_LIMIT {
+            error!(
+                crashes = self.crashes - 1,
+                status = %describe(status),
+                "crash loop: the app keeps failing soon after it starts; giving up"
+            );
+            self.begin_final(Some(code));
+            return;
+        }
+        let delay = RESTART_BACKOFF_FIRST
+            .saturating_mul(1 << (self.crashes - 1).min(16))
+            .min(RESTART_BACKOFF_MAX);
+        warn!(
+            status = %describe(status),
+            ran_ms = ran.as_millis() as u64,
+            restart_in = %format_duration(delay),
+            crash = self.crashes,
+            limit = CRASH_LOOP_LIMIT,
+            "the app failed; restarting it (the sockets stay open)"
+        );
+        self.phase = Phase::Restarting {
+            at: Self::now() + delay,
+        };
+        self.refuse_pending(
+            "the app is restarting after a crash (the restart starts the command now on disk)",
+        );
+    }
+
+    pub(super) fn restart(&mut self) {
+        self.phase = Phase::Running;
+        let number = self.next_number;
+        self.next_number += 1;
+        match self.spawn_generation(number, Role::Current) {
+            Ok(pid) => {
+                self.current = Some(number);
+                self.restarts += 1;
+                info!(
+                    generation = number,
+                    pid,
+                    restarts = self.restarts,
+                    "app restarted"
+                );
+            }
+            Err(e) => {
+                error!(generation = number, error = %e, "cannot restart the app");
+                let code = if e.kind() == std::io::ErrorKind::NotFound {
+                    127
+                } else {
+                    126
+                };
+                self.after_current_ended(
+                    WaitStatus::Exited(nix::unistd::Pid::from_raw(0), code),
+                    Duration::ZERO,
+                );
+            }
+        }
+    }
+
+    // ---- stopping -------------------------------------------------------
+
+    pub(super) fn on_stop_signal(&mut self, signo: i32) {
+        let name = signals::name(signo);
+        match self.phase {
+            Phase::Running => {
+                if self.cfg.shutdown_delay.is_zero() {
+                    info!(signal = %name, "stop requested");
+                    self.begin_final(None);
+                } else {
+                    info!(
+                        signal = %name,
+                        delay = %format_duration(self.cfg.shutdown_delay),
+                        "stop requested; still serving during the shutdown delay"
+                    );
+                    self.abandon_upgrades();
+                    self.phase = Phase::ShuttingDown {
+                        stop_at: Self::now() + self.cfg.shutdown_delay,
+                    };
+                    self.tell_parent_stopping();
+                }
+            }
+            Phase::Restarting { .. } => {
+                info!(signal = %name, "stop requested while waiting to restart");
+                self.begin_final(Some(self.last_crash_code));
+            }
+            Phase::ShuttingDown { .. } => {
+                info!(signal = %name, "second stop request: ending the shutdown delay now");
+                self.begin_final(None);
+            }
+            Phase::Stopping { .. } => {
+                info!(signal = %name, "already stopping; signal forwarded");
+                self.forward(signo);
+            }
+        }
+    }
+
+    pub(super) fn abandon_upgrades(&mut self) {
+        self.refuse_pending("the supervisor is stopping");
+        self.fail_upgrade("the supervisor is stopping".to_owned());
+    }
+
+    pub(super) fn tell_parent_stopping(&self) {
+        if let Some(socket) = &self.parent_notify {
+            if let Err(e) = notify::send(socket, "STOPPING=1") {
+                warn!(error = %e, "cannot notify our own NOTIFY_SOCKET");
+            }
+        }
+    }
+
+    /// Stops everything and exits once every generation is reaped, with the
+    /// status of the current generation, or `code` if given.
+    pub(super) fn begin_final(&mut self, code: Option<i32>) {
+        if matches!(self.phase, Phase::Stopping { .. }) {
+            return;
+        }
+        let was_shutting_down = matches!(self.phase, Phase::ShuttingDown { .. });
+        // Without a current generation (it ended during an upgrade), its
+        // status is the one to exit with.
+        let code = code.or_else(|| {
+            self.current.is_none().then(|| {
+                self.lost_current
+                    .map_or(self.last_crash_code, |(status, _)| exit_code(status))
+            })
+        });
+        self.phase = Phase::Stopping {
+            stop_gen: if code.is_none() { self.current } else { None },
+            code,
+        };
+        info!(generations = self.gens.len(), "stopping");
+        self.abandon_upgrades();
+        if !was_shutting_down {
+            self.tell_parent_stopping();
+        }
+        let numbers: Vec<u64> = self.gens.keys().copied().collect();
+        for number in numbers {
+            if self
+                .gens
+                .get(&number)
+                .is_some_and(|g| g.role != Role::Killed)
+            {
+                self.stop_generation(number);
+            }
+        }
+    }
+}

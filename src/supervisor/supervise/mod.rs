@@ -1,0 +1,784 @@
+//! The supervisor's state machine and event loop.
+//!
+//! One thread, one loop, one owner of every exit status: signals arrive on a
+//! signalfd, SIGCHLD drives a `waitpid(-1)` loop whose statuses are
+//! dispatched to the generation (or readiness probe) that owns the pid,
+//! notifications and control requests arrive on channels, and every timeout
+//! is a deadline kept in the state and slept on by the loop.
+//!
+//! Generations have roles:
+//! - **current**: the one serving (also while it drains on a final stop);
+//! - **candidate**: the next one, started by an upgrade, not ready yet;
+//! - **draining**: told to stop after an upgrade, SIGKILL at its deadline;
+//! - **killed**: a failed candidate, killed, waiting to be reaped before the
+//!   upgrade's failure is reported.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::MetadataExt;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use nix::sys::signalfd::siginfo;
+use nix::sys::wait::WaitStatus;
+use tokio::sync::mpsc;
+use tracing::{debug, error, info, warn};
+
+use super::cli::{format_duration, ListenAddress, ReadyMode, RestartPolicy, RunConfig};
+use super::control::{self, Request, Waiter};
+use super::error::Error;
+use super::signals::{self, Signals};
+use super::spawn::{describe_command, Spawner};
+use super::status::{GenerationInfo, OutcomeInfo, Snapshot};
+use crate::listen::{BindOptions, Registry};
+use crate::{notify, protocol, sys};
+
+use self::tree::{descendants, in_tree_of};
+
+mod exits;
+mod readiness;
+mod tree;
+mod upgrades;
+
+/// Pause between two runs of the `--ready exec:` command.
+const PROBE_INTERVAL: Duration = Duration::from_millis(200);
+/// First restart delay after a crash; doubled at each crash in a row.
+const RESTART_BACKOFF_FIRST: Duration = Duration::from_millis(100);
+/// Longest restart delay.
+const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Quick crashes in a row after which the supervisor gives up.
+const CRASH_LOOP_LIMIT: u32 = 5;
+/// A generation that ran at least this long before crashing starts a new
+/// count of crashes in a row.
+const CRASH_RESET: Duration = Duration::from_secs(10);
+/// How long an exiting supervisor lets control clients read their last line.
+const CLIENT_FLUSH: Duration = Duration::from_millis(500);
+
+/// The exit code for a wait status: the code, or 128 + the signal.
+pub(crate) fn exit_code(status: WaitStatus) -> i32 {
+    match status {
+        WaitStatus::Exited(_, code) => code,
+        WaitStatus::Signaled(_, signal, _) => 128 + signal as i32,
+        _ => 1,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Current,
+    Candidate,
+    Draining,
+    Killed,
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+struct Generation {
+    number: u64,
+    pid: i32,
+    role: Role,
+    started: Instant,
+    ready_at: Option<Instant>,
+    /// Its last `STATUS=`.
+    status_text: Option<String>,
+    /// For a candidate: failure; for the current one: a warning.
+    ready_deadline: Option<Instant>,
+    /// `--ready delay:`.
+    delay_ready_at: Option<Instant>,
+    /// `--ready exec:`: when to run the command next.
+    probe_at: Option<Instant>,
+    probe_pid: Option<i32>,
+    stop_sent_at: Option<Instant>,
+    kill_at: Option<Instant>,
+    killed: bool,
+    /// Receives its notifications; dropping it closes the socket.
+    _notify: AbortOnDrop,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trigger {
+    Signal,
+    Control,
+}
+
+impl Trigger {
+    fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Signal => "SIGHUP",
+            Trigger::Control => "handover upgrade",
+        }
+    }
+}
+
+/// Upgrade triggers that have not started an upgrade yet (coalesced).
+struct Pending {
+    trigger: Trigger,
+    waiters: Vec<Waiter>,
+    told_draining: bool,
+}
+
+/// The upgrade in progress.
+struct Upgrade {
+    number: u64,
+    trigger: Trigger,
+    started: Instant,
+    waiters: Vec<Waiter>,
+    /// Set once the candidate was killed; reported once it is reaped.
+    failure: Option<String>,
+}
+
+struct Outcome {
+    succeeded: bool,
+    generation: u64,
+    pid: Option<i32>,
+    trigger: Trigger,
+    at: Instant,
+    ready_after: Option<Duration>,
+    detail: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Running,
+    /// Waiting to restart after a crash.
+    Restarting {
+        at: Instant,
+    },
+    /// SIGTERM received: still serving until `stop_at` (--shutdown-delay).
+    ShuttingDown {
+        stop_at: Instant,
+    },
+    /// Every generation was told to stop; exit once all are reaped, with the
+    /// status of `stop_gen` (the current one when the stop began) or `code`.
+    Stopping {
+        stop_gen: Option<u64>,
+        code: Option<i32>,
+    },
+}
+
+/// Events from tasks to the loop.
+enum Event {
+    Notify {
+        generation: u64,
+        message: notify::Message,
+    },
+}
+
+struct Supervisor {
+    cfg: RunConfig,
+    spawner: Spawner,
+    registry: Registry,
+    listeners: Vec<(String, String)>,
+    own_pid: i32,
+    own_uid: u32,
+    started: Instant,
+    /// `NOTIFY_SOCKET` of whoever started us (systemd), if any.
+    parent_notify: Option<String>,
+    parent_told_ready: bool,
+    events: mpsc::UnboundedSender<Event>,
+    gens: BTreeMap<u64, Generation>,
+    current: Option<u64>,
+    next_number: u64,
+    upgrade: Option<Upgrade>,
+    pending: Option<Pending>,
+    phase: Phase,
+    /// Quick crashes in a row.
+    crashes: u32,
+    restarts: u64,
+    /// Exit code of the last current generation that ended unasked.
+    last_crash_code: i32,
+    /// The current generation ended while an upgrade was running: its status
+    /// and run time, acted upon if the upgrade fails.
+    lost_current: Option<(WaitStatus, Duration)>,
+    last_upgrade: Option<Outcome>,
+    upgrades_succeeded: u64,
+    upgrades_failed: u64,
+    /// Readiness probes: pid -> generation.
+    probes: HashMap<i32, u64>,
+    exit_code: Option<i32>,
+}
+
+fn send(waiters: &[Waiter], line: &str) {
+    for w in waiters {
+        // A client that left does not stop anything.
+        let _ = w.send(line.to_owned());
+    }
+}
+
+fn describe(status: WaitStatus) -> String {
+    sys::describe(status)
+}
+
+impl Supervisor {
+    fn now() -> Instant {
+        Instant::now()
+    }
+
+    fn cmd(&self) -> String {
+        describe_command(&self.spawner.command)
+    }
+
+    fn gen_pid(&self, number: u64) -> Option<i32> {
+        self.gens.get(&number).map(|g| g.pid)
+    }
+
+    fn draining_count(&self) -> usize {
+        self.gens
+            .values()
+            .filter(|g| g.role == Role::Draining && Some(g.number) != self.current)
+            .count()
+    }
+
+    /// Binds a notification socket and starts generation `number`.
+    fn spawn_generation(&mut self, number: u64, role: Role) -> std::io::Result<i32> {
+        let receiver = notify::Receiver::bind()?;
+        let pid = {
+            let handoff = self.registry.handoff();
+            let sockets: Vec<(&str, BorrowedFd<'_>)> =
+                handoff.iter().map(|(n, fd)| (*n, fd.as_fd())).collect();
+            self.spawner.app(number, &sockets, receiver.address())?
+        };
+        let events = self.events.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                match receiver.recv().await {
+                    Ok(message) => {
+                        if events
+                            .send(Event::Notify {
+                                generation: number,
+                                message,
+                            })
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        warn!(generation = number, error = %e, "cannot receive notifications");
+                        return;
+                    }
+                }
+            }
+        });
+        let now = Self::now();
+        let mut gen = Generation {
+            number,
+            pid,
+            role,
+            started: now,
+            ready_at: None,
+            status_text: None,
+            ready_deadline: Some(now + self.cfg.ready_timeout),
+            delay_ready_at: None,
+            probe_at: None,
+            probe_pid: None,
+            stop_sent_at: None,
+            kill_at: None,
+            killed: false,
+            _notify: AbortOnDrop(task),
+        };
+        match &self.cfg.ready {
+            ReadyMode::Notify => {}
+            ReadyMode::Exec(_) => gen.probe_at = Some(now),
+            ReadyMode::Delay(d) => gen.delay_ready_at = Some(now + *d),
+        }
+        self.gens.insert(number, gen);
+        info!(
+            generation = number,
+            pid,
+            command = %self.cmd(),
+            sockets = self.registry.handoff().len(),
+            "generation started"
+        );
+        Ok(pid)
+    }
+
+    /// SIGKILL to a generation and every process it started: nothing of a
+    /// failed or timed-out generation may keep running (or keep serving on
+    /// an inherited socket) once it is reaped.
+    fn kill_tree(&self, number: u64, pid: i32) {
+        let below = descendants(pid);
+        for p in &below {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p), Signal::SIGKILL);
+        }
+        self.send_signal(pid, Signal::SIGKILL);
+        if !below.is_empty() {
+            info!(
+                generation = number,
+                pid,
+                descendants = below.len(),
+                "killed the processes it started too"
+            );
+        }
+    }
+
+    fn send_signal(&self, pid: i32, signal: Signal) {
+        if let Err(e) = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal) {
+            warn!(pid, signal = signal.as_str(), error = %e, "cannot send signal");
+        }
+    }
+
+    /// Tells a generation to stop: the stop signal now, SIGKILL at the drain
+    /// deadline. Does nothing if it was told already.
+    fn stop_generation(&mut self, number: u64) {
+        let now = Self::now();
+        let (signal, drain) = (self.cfg.stop_signal, self.cfg.drain_timeout);
+        let Some(gen) = self.gens.get_mut(&number) else {
+            return;
+        };
+        if gen.stop_sent_at.is_some() || gen.killed {
+            return;
+        }
+        gen.role = Role::Draining;
+        gen.stop_sent_at = Some(now);
+        gen.kill_at = Some(now + drain);
+        gen.ready_deadline = None;
+        gen.delay_ready_at = None;
+        gen.probe_at = None;
+        let pid = gen.pid;
+        info!(
+            generation = number,
+            pid,
+            signal = signal.as_str(),
+            sigkill_in = %format_duration(drain),
+            "generation told to stop"
+        );
+        self.send_signal(pid, signal);
+    }
+
+    fn kill_probe(&mut self, number: u64) {
+        if let Some(gen) = self.gens.get_mut(&number) {
+            gen.probe_at = None;
+            if let Some(probe) = gen.probe_pid.take() {
+                // Reaped later, as an orphan of no interest.
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(probe), Signal::SIGKILL);
+            }
+        }
+    }
+
+    // ---- signals and timers ----------------------------------------------
+
+    fn forward(&self, signo: i32) {
+        let name = signals::name(signo);
+        match self.current.and_then(|c| self.gen_pid(c)) {
+            Some(pid) => {
+                info!(signal = %name, pid, "signal forwarded");
+                if let Err(e) = sys::send_signal_number(pid, signo) {
+                    warn!(signal = %name, pid, error = %e, "cannot forward signal");
+                }
+            }
+            None => info!(signal = %name, "signal dropped: no app process is running"),
+        }
+    }
+
+    fn on_signal(&mut self, info: &siginfo) {
+        let signo = info.ssi_signo as i32;
+        match Signal::try_from(signo) {
+            Ok(Signal::SIGCHLD) => self.reap(),
+            Ok(Signal::SIGHUP) => {
+                info!(sender = info.ssi_pid, "SIGHUP received");
+                self.request_upgrade(Trigger::Signal, None);
+            }
+            Ok(Signal::SIGTERM | Signal::SIGINT) => self.on_stop_signal(signo),
+            _ => self.forward(signo),
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let phase = match self.phase {
+            Phase::Restarting { at } => Some(at),
+            Phase::ShuttingDown { stop_at } => Some(stop_at),
+            _ => None,
+        };
+        self.gens
+            .values()
+            .flat_map(|g| {
+                let waiting =
+                    g.ready_at.is_none() && matches!(g.role, Role::Current | Role::Candidate);
+                [
+                    g.kill_at.filter(|_| !g.killed),
+                    g.ready_deadline.filter(|_| waiting),
+                    g.delay_ready_at.filter(|_| waiting),
+                    g.probe_at.filter(|_| waiting && g.probe_pid.is_none()),
+                ]
+            })
+            .flatten()
+            .chain(phase)
+            .min()
+    }
+
+    fn on_timer(&mut self) {
+        let now = Self::now();
+        let numbers: Vec<u64> = self.gens.keys().copied().collect();
+        for number in numbers {
+            let Some(gen) = self.gens.get_mut(&number) else {
+                continue;
+            };
+            if !gen.killed && gen.kill_at.is_some_and(|t| t <= now) {
+                gen.killed = true;
+                gen.kill_at = None;
+                let pid = gen.pid;
+                warn!(generation = number, pid, "drain timeout: SIGKILL");
+                self.kill_tree(number, pid);
+                continue;
+            }
+            let waiting =
+                gen.ready_at.is_none() && matches!(gen.role, Role::Current | Role::Candidate);
+            if !waiting {
+                continue;
+            }
+            if gen.delay_ready_at.is_some_and(|t| t <= now) {
+                self.mark_ready(number, "ready delay elapsed");
+                continue;
+            }
+            if gen.ready_deadline.is_some_and(|t| t <= now) {
+                gen.ready_deadline = None;
+                let pid = gen.pid;
+                if gen.role == Role::Candidate {
+                    let reason = format!(
+                        "generation {number} (pid {pid}) was not ready within {} (--ready-timeout)",
+                        format_duration(self.cfg.ready_timeout)
+                    );
+                    self.fail_upgrade(reason);
+                } else {
+                    gen.probe_at = None;
+                    warn!(
+                        generation = number,
+                        pid,
+                        timeout = %format_duration(self.cfg.ready_timeout),
+                        ready = %self.cfg.ready,
+                        "generation not ready in time; treating it as serving since nothing else \
+                         can (upgrades wait for readiness the same way: check --ready)"
+                    );
+                }
+                continue;
+            }
+            if gen.probe_pid.is_none() && gen.probe_at.is_some_and(|t| t <= now) {
+                self.start_probe(number);
+            }
+        }
+        match self.phase {
+            Phase::Restarting { at } if at <= now => self.restart(),
+            Phase::ShuttingDown { stop_at } if stop_at <= now => {
+                info!("shutdown delay over");
+                self.begin_final(None);
+            }
+            _ => {}
+        }
+    }
+
+    fn check_done(&mut self) {
+        if let Phase::Stopping { code, .. } = self.phase {
+            if self.gens.is_empty() && self.upgrade.is_none() {
+                self.exit_code = Some(code.unwrap_or(0));
+            }
+        }
+    }
+
+    // ---- status ---------------------------------------------------------
+
+    fn snapshot(&self) -> Snapshot {
+        let now = Self::now();
+        let info = |g: &Generation| GenerationInfo {
+            generation: g.number,
+            pid: g.pid,
+            uptime: now - g.started,
+            ready_after: g.ready_at.map(|r| r - g.started),
+            status: g.status_text.clone(),
+            stopping_for: g.stop_sent_at.map(|s| now - s),
+            kill_in: g.kill_at.map(|k| k.saturating_duration_since(now)),
+        };
+        let current = self.current.and_then(|c| self.gens.get(&c));
+        let state = match self.phase {
+            Phase::Running if self.upgrade.is_some() => "upgrading",
+            Phase::Running if current.is_some_and(|g| g.ready_at.is_some()) => "serving",
+            Phase::Running => "starting",
+            Phase::Restarting { .. } => "restarting",
+            Phase::ShuttingDown { .. } => "shutting-down",
+            Phase::Stopping { .. } => "stopping",
+        };
+        Snapshot {
+            supervisor_pid: self.own_pid,
+            uptime: now - self.started,
+            state,
+            current: current.map(info),
+            upgrading: self
+                .upgrade
+                .as_ref()
+                .and_then(|u| self.gens.get(&u.number))
+                .map(info),
+            upgrade_pending: self.pending.is_some(),
+            draining: self
+                .gens
+                .values()
+                .filter(|g| g.role == Role::Draining && Some(g.number) != self.current)
+                .map(info)
+                .collect(),
+            max_draining: self.cfg.max_draining,
+            restarts: self.restarts,
+            upgrades_succeeded: self.upgrades_succeeded,
+            upgrades_failed: self.upgrades_failed,
+            last_upgrade: self.last_upgrade.as_ref().map(|o| OutcomeInfo {
+                succeeded: o.succeeded,
+                generation: o.generation,
+                pid: o.pid,
+                trigger: o.trigger.as_str(),
+                ago: now - o.at,
+                ready_after: o.ready_after,
+                detail: o.detail.clone(),
+            }),
+            listeners: self.listeners.clone(),
+        }
+    }
+
+    fn on_request(&mut self, request: Request) {
+        match request {
+            Request::Upgrade(waiter) => self.request_upgrade(Trigger::Control, Some(waiter)),
+            Request::Status { json, reply } => {
+                let snapshot = self.snapshot();
+                let _ = reply.send(if json {
+                    snapshot.to_json()
+                } else {
+                    snapshot.to_text()
+                });
+            }
+        }
+    }
+}
+
+/// Binds every `--listen` socket. They are passed to children blocking, as
+/// systemd does by default: apps that want non-blocking sockets set it.
+fn bind_listeners(cfg: &RunConfig) -> Result<(Registry, Vec<(String, String)>), Error> {
+    let mut registry = Registry::default();
+    let mut described = Vec::new();
+    let opts = BindOptions {
+        backlog: cfg.backlog,
+        reuseport: false,
+    };
+    for spec in &cfg.listeners {
+        let failed = |source| Error::Listen {
+            spec: if spec.name == protocol::UNNAMED {
+                spec.address.to_string()
+            } else {
+                format!("{}={}", spec.name, spec.address)
+            },
+            source,
+        };
+        let local = match &spec.address {
+            ListenAddress::Tcp(addr) => registry
+                .tcp(&spec.name, *addr, opts)
+                .and_then(|l| {
+                    l.local_addr()
+                        .map(|a| format!("tcp://{a}"))
+                        .map_err(|e| crate::Error::io("reading a listener's address", e))
+                })
+                .map_err(failed)?,
+            ListenAddress::Udp(addr) => registry
+                .udp(&spec.name, *addr, opts)
+                .and_then(|l| {
+                    l.local_addr()
+                        .map(|a| format!("udp://{a}"))
+                        .map_err(|e| crate::Error::io("reading a socket's address", e))
+                })
+                .map_err(failed)?,
+            ListenAddress::Unix(path) => {
+                registry.unix(&spec.name, path, opts).map_err(failed)?;
+                format!("unix://{}", path.display())
+            }
+        };
+        described.push((spec.name.clone(), local));
+    }
+    for (_, fd) in registry.handoff() {
+        // The registry made them non-blocking (the flag lives on the shared
+        // open file description): undo that before any child sees them.
+        let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL)
+            .map_err(|e| Error::io("reading a listener's flags", e))?;
+        let flags = nix::fcntl::OFlag::from_bits_truncate(flags) & !nix::fcntl::OFlag::O_NONBLOCK;
+        nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(flags))
+            .map_err(|e| Error::io("making a listener blocking", e))?;
+    }
+    Ok((registry, described))
+}
+
+/// Runs `handover run` until the app is stopped for good; returns the exit
+/// code to end with.
+pub(crate) fn run(cfg: RunConfig) -> Result<i32, Error> {
+    // First, while we have one thread: queue signals instead of dying of
+    // them (and as PID 1, instead of losing them).
+    let signal_fd = signals::block().map_err(|e| Error::io("blocking signals", e))?;
+    // The app gets stdio and its sockets, nothing else we inherited.
+    let inherited = sys::cloexec_from(3).map_err(|e| Error::io("listing inherited fds", e))?;
+    let own_pid = std::process::id() as i32;
+    if own_pid != 1 {
+        nix::sys::prctl::set_child_subreaper(true)
+            .map_err(|e| Error::io("becoming a child subreaper", e))?;
+    }
+    let mut env = Vec::new();
+    let mut parent_notify = None;
+    for (key, value) in std::env::vars_os() {
+        if key == protocol::NOTIFY_SOCKET {
+            parent_notify = value.to_str().filter(|v| !v.is_empty()).map(str::to_owned);
+        }
+        if key
+            .to_str()
+            .is_some_and(|k| protocol::VARIABLES.contains(&k))
+        {
+            continue;
+        }
+        env.push((key, value));
+    }
+    let (registry, listeners) = bind_listeners(&cfg)?;
+    let control = control::bind(&cfg.control)?;
+    let control_path = cfg.control.clone();
+    let control_inode = std::fs::metadata(&control_path).map(|m| m.ino()).ok();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .map_err(|e| Error::io("starting the runtime", e))?;
+    let result = runtime.block_on(async move {
+        let signals =
+            Signals::new(signal_fd).map_err(|e| Error::io("registering the signalfd", e))?;
+        let control = tokio::net::UnixListener::from_std(control)
+            .map_err(|e| Error::io("registering the control socket", e))?;
+        let (requests_tx, mut requests) = mpsc::unbounded_channel();
+        let (alive_tx, mut alive) = mpsc::channel::<()>(1);
+        let control_server = tokio::spawn(control::serve(control, requests_tx, alive_tx));
+        let (events_tx, mut events) = mpsc::unbounded_channel();
+        let mut sup = Supervisor {
+            spawner: Spawner {
+                command: cfg.command.clone(),
+                env,
+                supervisor_pid: own_pid,
+            },
+            registry,
+            listeners,
+            own_pid,
+            own_uid: crate::sys::euid(),
+            started: Instant::now(),
+            parent_notify,
+            parent_told_ready: false,
+            events: events_tx,
+            gens: BTreeMap::new(),
+            current: None,
+            next_number: 1,
+            upgrade: None,
+            pending: None,
+            phase: Phase::Running,
+            crashes: 0,
+            restarts: 0,
+            last_crash_code: 0,
+            lost_current: None,
+            last_upgrade: None,
+            upgrades_succeeded: 0,
+            upgrades_failed: 0,
+            probes: HashMap::new(),
+            exit_code: None,
+            cfg,
+        };
+        if inherited > 0 {
+            info!(
+                fds = inherited,
+                "fds inherited by the supervisor are not passed on"
+            );
+        }
+        info!(
+            pid = own_pid,
+            pid1 = own_pid == 1,
+            listeners = sup.listeners.len(),
+            control = %sup.cfg.control.display(),
+            ready = %sup.cfg.ready,
+            "supervisor started"
+        );
+        for (name, address) in &sup.listeners {
+            info!(name, address, "listening");
+        }
+        match sup.spawn_generation(1, Role::Current) {
+            Ok(_) => sup.current = Some(1),
+            Err(source) => {
+                sup.registry.unlink_unix_paths();
+                return Err(Error::Spawn {
+                    command: sup.cmd(),
+                    source,
+                });
+            }
+        }
+        sup.next_number = 2;
+        loop {
+            sup.on_timer();
+            sup.maybe_start_upgrade();
+            sup.check_done();
+            if let Some(code) = sup.exit_code {
+                info!(code, "supervisor exiting");
+                sup.registry.unlink_unix_paths();
+                // Let control clients read their last line (an upgrade's
+                // outcome): every waiter is gone with `sup`, so their tasks
+                // end once written.
+                drop(sup);
+                control_server.abort();
+                let _ = tokio::time::timeout(CLIENT_FLUSH, alive.recv()).await;
+                return Ok(code);
+            }
+            let deadline = sup.next_deadline();
+            let sleep = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                batch = signals.recv() => match batch {
+                    Ok(batch) => {
+                        for info in &batch {
+                            sup.on_signal(info);
+                        }
+                    }
+                    Err(e) => {
+                        error!(error = %e, "cannot read signals; killing the app and exiting");
+                        for gen in sup.gens.values() {
+                            sup.kill_tree(gen.number, gen.pid);
+                        }
+                        return Err(Error::io("reading the signalfd", e));
+                    }
+                },
+                Some(event) = events.recv() => match event {
+                    Event::Notify { generation, message } => sup.on_notify(generation, message),
+                },
+                Some(request) = requests.recv() => sup.on_request(request),
+                () = sleep => {}
+            }
+        }
+    });
+    // Remove the control socket, unless someone replaced it meanwhile.
+    if std::fs::metadata(&control_path).map(|m| m.ino()).ok() == control_inode {
+        let _ = std::fs::remove_file(&control_path);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes() {
+        let pid = nix::unistd::Pid::from_raw(5);
+        assert_eq!(exit_code(WaitStatus::Exited(pid, 0)), 0);
+        assert_eq!(exit_code(WaitStatus::Exited(pid, 255)), 255);
+        assert_eq!(
+            exit_code(WaitStatus::Signaled(pid, Signal::SIGKILL, false)),
+            137
+        );
+        assert_eq!(
+            exit_code(WaitStatus::Signaled(pid, Signal::SIGTERM, true)),
+            143
+        );
+    }
+}
