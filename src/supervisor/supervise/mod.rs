@@ -635,14 +635,27 @@ pub(crate) fn run(cfg: RunConfig) -> Result<i32, Error> {
         env.push((key, value));
     }
     let (registry, listeners) = bind_listeners(&cfg)?;
-    let control = control::bind(&cfg.control)?;
+    let control = match control::bind(&cfg.control) {
+        Ok(control) => control,
+        Err(e) => {
+            registry.unlink_unix_paths();
+            return Err(e);
+        }
+    };
     let control_path = cfg.control.clone();
     let control_inode = std::fs::metadata(&control_path).map(|m| m.ino()).ok();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .enable_time()
-        .build()
-        .map_err(|e| Error::io("starting the runtime", e))?;
+        .build();
+    let runtime = match runtime {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            registry.unlink_unix_paths();
+            let _ = std::fs::remove_file(&control_path);
+            return Err(Error::io("starting the runtime", e));
+        }
+    };
     let result = runtime.block_on(async move {
         let signals =
             Signals::new(signal_fd).map_err(|e| Error::io("registering the signalfd", e))?;
