@@ -165,10 +165,14 @@ fn start_up_failures_say_what_failed() {
         std::fs::create_dir(&other).expect("mkdir");
         std::os::unix::fs::chown(&other, Some(65534), Some(65534)).expect("chown");
         let path = other.join("control.sock");
+        let unix = dir.join("api.sock");
+        let listen = format!("api=unix://{}", unix.display());
         let out = handover_with(
             &dir,
             &[
                 "run",
+                "--listen",
+                &listen,
                 "--control",
                 path.to_str().expect("utf-8"),
                 "--",
@@ -177,6 +181,7 @@ fn start_up_failures_say_what_failed() {
         );
         assert_eq!(out.code, Some(1), "{out:?}");
         assert!(out.stderr.contains("belongs to uid 65534"), "{out:?}");
+        assert!(!unix.exists(), "the unix listener's path is removed again");
     }
 }
 
