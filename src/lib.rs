@@ -60,6 +60,8 @@ mod options;
 pub mod protocol;
 pub mod supervisor;
 mod sys;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 mod upgrade;
 
 pub use crate::drain::{DrainReport, Graceful, Guard, Stop, Tracked, TrackedStream, Watch};
