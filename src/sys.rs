@@ -6,7 +6,7 @@
 //! child only calls `sigprocmask`, `signal`, `getpid`, `chdir`, `dup2`,
 //! `execve`, `write` and `_exit`.
 
-use std::ffi::{CString, OsStr};
+use std::ffi::{CString, OsStr, OsString};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
@@ -163,10 +163,10 @@ impl Exec {
     /// Prepares the exec of `path` with `argv` (including `argv[0]`), the
     /// given environment, and a `LISTEN_PID` set to the child's own pid when
     /// `listen_pid` is true.
-    pub(crate) fn new<'a>(
+    pub(crate) fn new<'a, 'e>(
         path: &OsStr,
         argv: impl IntoIterator<Item = &'a OsStr>,
-        env: impl IntoIterator<Item = (&'a OsStr, &'a OsStr)>,
+        env: impl IntoIterator<Item = (&'e OsStr, &'e OsStr)>,
         listen_pid: bool,
         cwd: Option<&OsStr>,
     ) -> io::Result<Self> {
@@ -206,6 +206,28 @@ impl Exec {
             listen_pid_entry,
             cwd,
         })
+    }
+}
+
+impl Exec {
+    /// Prepares the exec of a new generation: `base_env` plus the protocol
+    /// variables of `handoff`, and `LISTEN_PID` set to the child's own pid.
+    pub(crate) fn generation<'a>(
+        path: &OsStr,
+        argv: impl IntoIterator<Item = &'a OsStr>,
+        base_env: &[(OsString, OsString)],
+        handoff: &crate::protocol::Handoff<'_>,
+        cwd: Option<&OsStr>,
+    ) -> io::Result<Self> {
+        let vars = handoff.render();
+        let env = base_env
+            .iter()
+            .map(|(k, v)| (k.as_os_str(), v.as_os_str()))
+            .chain(
+                vars.iter()
+                    .map(|(k, v)| (OsStr::new(*k), OsStr::new(v.as_str()))),
+            );
+        Exec::new(path, argv, env, true, cwd)
     }
 }
 

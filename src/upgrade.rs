@@ -1,7 +1,6 @@
 //! The upgrade: one at a time, start the next generation with our sockets,
 //! wait for ready / exit / timeout, report the outcome.
 
-use std::ffi::OsStr;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
@@ -138,21 +137,12 @@ impl Handover {
                 generation: inner.generation + 1,
                 supervisor: None,
                 notify_socket: inner.notify_socket.as_deref(),
-            }
-            .render();
-            let env = inner
-                .env
-                .iter()
-                .map(|(k, v)| (k.as_os_str(), v.as_os_str()))
-                .chain(
-                    vars.iter()
-                        .map(|(k, v)| (OsStr::new(*k), OsStr::new(v.as_str()))),
-                );
-            let exec = Exec::new(
+            };
+            let exec = Exec::generation(
                 executable.as_os_str(),
                 inner.argv.iter().map(|a| a.as_os_str()),
-                env,
-                true,
+                &inner.env,
+                &vars,
                 inner.cwd.as_deref().map(|c| c.as_os_str()),
             )
             .map_err(spawn_error)?;

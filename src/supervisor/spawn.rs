@@ -92,21 +92,12 @@ impl Spawner {
             generation,
             supervisor: Some(self.supervisor_pid),
             notify_socket: Some(notify_socket),
-        }
-        .render();
-        let env = self
-            .env
-            .iter()
-            .map(|(k, v)| (k.as_os_str(), v.as_os_str()))
-            .chain(
-                vars.iter()
-                    .map(|(k, v)| (OsStr::new(*k), OsStr::new(v.as_str()))),
-            );
-        let exec = Exec::new(
+        };
+        let exec = Exec::generation(
             path.as_os_str(),
             self.command.iter().map(OsString::as_os_str),
-            env,
-            true,
+            &self.env,
+            &vars,
             None,
         )?;
         let fds: Vec<BorrowedFd<'_>> = sockets.iter().map(|(_, fd)| *fd).collect();
