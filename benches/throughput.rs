@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use handover::testkit::{Load, LoadConfig, Mode, Server};
 
 /// Runs per server and mode (alternating between the servers).
-const RUNS: usize = 3;
+const RUNS: usize = 5;
 /// Length of one measured run.
 const RUN: Duration = Duration::from_secs(3);
 /// Unmeasured load before each run.
@@ -26,7 +26,7 @@ const WAIT: Duration = Duration::from_secs(20);
 
 const MODES: [Mode; 2] = [
     Mode::KeepAlive { connections: 16 },
-    Mode::PerRequest { concurrency: 8 },
+    Mode::PerRequest { concurrency: 16 },
 ];
 
 /// CPUs of the server and of the client.
@@ -41,6 +41,8 @@ struct Sample {
     failed: u64,
     server_cpu: f64,
     client_cpu: f64,
+    server_cpu_busy: f64,
+    client_cpu_busy: f64,
     server_us_per_request: f64,
 }
 
@@ -56,7 +58,7 @@ fn run() -> Result<(), String> {
     let started = Instant::now();
     let built = common::build_examples(&["http_server", "plain_server"])?;
     let cpus = common::cpus();
-    let pinned = cpus >= 2 && std::env::var("THROUGHPUT_PIN").map_or(true, |v| v != "0");
+    let pinned = cpus >= 2;
     println!(
         "\nthroughput and latency: http_server (handover) vs plain_server (no handover), \
          same handler; {RUNS} runs of {RUN:?} each, alternating, medians"
@@ -71,7 +73,11 @@ fn run() -> Result<(), String> {
     }
     let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     println!(
-        "\n| {:<14} | {:<16} | {:>9} | {:>8} | {:>8} | {:>6} | {:>10} | {:>10} | {:>13} | {:<9} |",
+        "CPU columns: the process's own use / how busy its CPU was (with anything: other \
+         processes on the machine count); a side is saturated when its CPU was >= 95% busy"
+    );
+    println!(
+        "\n| {:<14} | {:<16} | {:>9} | {:>8} | {:>8} | {:>6} | {:>11} | {:>11} | {:>13} | {:<16} |",
         "server",
         "load",
         "req/s",
@@ -84,21 +90,11 @@ fn run() -> Result<(), String> {
         "saturated"
     );
     println!(
-        "|{:-<16}|{:-<18}|{:->11}|{:->10}|{:->10}|{:->8}|{:->12}|{:->12}|{:->15}|{:-<11}|",
+        "|{:-<16}|{:-<18}|{:->11}|{:->10}|{:->10}|{:->8}|{:->13}|{:->13}|{:->15}|{:-<18}|",
         "", "", "", "", "", "", "", "", "", ""
     );
     let mut ratios = Vec::new();
-    let modes: Vec<Mode> = match std::env::var("THROUGHPUT_WORKERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        Some(n) => vec![
-            Mode::KeepAlive { connections: n },
-            Mode::PerRequest { concurrency: n },
-        ],
-        None => MODES.to_vec(),
-    };
-    for mode in modes {
+    for mode in MODES {
         let mut samples: [Vec<Sample>; 2] = [Vec::new(), Vec::new()];
         for run in 0..RUNS {
             // Alternate which server goes first, so that drift hits both alike.
@@ -124,22 +120,36 @@ fn run() -> Result<(), String> {
             };
             let server_cpu = med(|x| x.server_cpu);
             let client_cpu = med(|x| x.client_cpu);
-            let saturated = match (server_cpu >= 0.9, client_cpu >= 0.9) {
-                (true, true) => "both",
-                (true, false) => "server",
-                (false, true) => "client",
-                (false, false) => "neither",
+            let server_busy = med(|x| x.server_cpu_busy);
+            let client_busy = med(|x| x.client_cpu_busy);
+            let side = |own: f64, busy: f64, name: &str| {
+                if busy < 0.95 {
+                    None
+                } else if own < busy - 0.1 {
+                    Some(format!("{name} (shared)"))
+                } else {
+                    Some(name.to_string())
+                }
             };
+            let saturated = match (
+                side(server_cpu, server_busy, "server"),
+                side(client_cpu, client_busy, "client"),
+            ) {
+                (Some(a), Some(b)) => format!("{a}, {b}"),
+                (Some(a), None) | (None, Some(a)) => a,
+                (None, None) => "neither".to_string(),
+            };
+            let pct = |own: f64, busy: f64| format!("{:.0}/{:.0}%", own * 100.0, busy * 100.0);
             println!(
-                "| {:<14} | {:<16} | {:>9.0} | {:>8} | {:>8} | {:>6} | {:>9.0}% | {:>9.0}% | {:>13.1} | {:<9} |",
+                "| {:<14} | {:<16} | {:>9.0} | {:>8} | {:>8} | {:>6} | {:>11} | {:>11} | {:>13.1} | {:<16} |",
                 name,
                 mode.to_string(),
                 med(|x| x.rps),
                 common::ms(common::median_d(&s.iter().map(|x| x.p50).collect::<Vec<_>>())),
                 common::ms(common::median_d(&s.iter().map(|x| x.p99).collect::<Vec<_>>())),
                 s.iter().map(|x| x.failed).sum::<u64>(),
-                server_cpu * 100.0,
-                client_cpu * 100.0,
+                pct(server_cpu, server_busy),
+                pct(client_cpu, client_busy),
                 med(|x| x.server_us_per_request),
                 saturated
             );
@@ -188,12 +198,7 @@ fn measure(exe: &Path, mode: Mode, pinned: bool) -> Result<Sample, String> {
     let addr = ready.addr.ok_or("no addr= in the ready line")?;
     let config = |bound: Duration| {
         LoadConfig::new(addr, mode)
-            .threads(
-                std::env::var("THROUGHPUT_THREADS")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(1),
-            )
+            .threads(1)
             .request_timeout(Duration::from_secs(5))
             .max_duration(bound)
     };
@@ -203,6 +208,7 @@ fn measure(exe: &Path, mode: Mode, pinned: bool) -> Result<Sample, String> {
         .map_err(|e| e.to_string())?;
     drop(warmup);
 
+    let jiffies0 = common::cpu_jiffies();
     let server_cpu0 = common::cpu_time_of(ready.pid).unwrap_or_default();
     let client_cpu0 = common::own_cpu_time();
     let wall = Instant::now();
@@ -214,6 +220,7 @@ fn measure(exe: &Path, mode: Mode, pinned: bool) -> Result<Sample, String> {
         .unwrap_or_default()
         .saturating_sub(server_cpu0);
     let client_cpu = common::own_cpu_time().saturating_sub(client_cpu0);
+    let jiffies1 = common::cpu_jiffies();
     let _ = server.stop(libc::SIGTERM, WAIT);
     let elapsed = report.elapsed.as_secs_f64().max(1e-9);
     Ok(Sample {
@@ -223,6 +230,8 @@ fn measure(exe: &Path, mode: Mode, pinned: bool) -> Result<Sample, String> {
         failed: report.failures.total(),
         server_cpu: server_cpu.as_secs_f64() / wall.as_secs_f64(),
         client_cpu: client_cpu.as_secs_f64() / wall.as_secs_f64(),
+        server_cpu_busy: common::cpu_busy(&jiffies0, &jiffies1, SERVER_CPU),
+        client_cpu_busy: common::cpu_busy(&jiffies0, &jiffies1, CLIENT_CPU),
         server_us_per_request: server_cpu.as_secs_f64() * 1e6 / (report.ok.max(1) as f64),
     })
 }

@@ -113,7 +113,7 @@ fn run() -> Result<(), String> {
     println!(
         "\n| {:<40} | {:<15} | {:>9} | {:>6} | {:>7} | {:>5} | {:>4} | {:>7} | {:>6} | {:>5} | {:>11} | {:>15} |",
         "server", "load", "requests", "failed", "refused", "reset", "eof", "timeout", "status",
-        "other", "upgrades ok", "failed, 5 runs"
+        "other", "upgrades ok", format!("failed, {RUNS} runs")
     );
     println!("|{:-<42}|{:-<17}|{:->11}|{:->8}|{:->9}|{:->7}|{:->6}|{:->9}|{:->8}|{:->7}|{:->13}|{:->17}|", "", "", "", "", "", "", "", "", "", "", "", "");
     for (r, row) in rows.iter().enumerate() {

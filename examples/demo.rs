@@ -275,11 +275,16 @@ impl Ticker {
                 while !flag.load(Ordering::SeqCst) {
                     let ok = ok_now();
                     let failed: u64 = counters.iter().map(Counters::failed).sum();
-                    let rate = (ok - last.1) as f64 / last.0.elapsed().as_secs_f64().max(1e-3);
+                    let since = last.0.elapsed().as_secs_f64();
+                    let rate = if since > 0.05 {
+                        format!("{:>6.0} req/s", (ok - last.1) as f64 / since)
+                    } else {
+                        String::new()
+                    };
                     last = (Instant::now(), ok);
                     let line = format!(
                         "[{:>4.1}s] upgrade {:>2}/{UPGRADES}  serving: generation {:>2} (pid {})  \
-                         requests {:>9}  failed {}  {:>6.0} req/s",
+                         requests {:>9}  failed {}  {}",
                         started.elapsed().as_secs_f64(),
                         progress.upgrade.load(Ordering::SeqCst),
                         progress.generation.load(Ordering::SeqCst),

@@ -245,6 +245,46 @@ pub fn cpu_time_of(pid: i32) -> Option<Duration> {
     Some(Duration::from_micros(ticks * 1_000_000 / hz))
 }
 
+/// Busy and total jiffies of each CPU (`cpuN` lines of `/proc/stat`), by CPU number.
+pub fn cpu_jiffies() -> Vec<(u64, u64)> {
+    let Ok(text) = std::fs::read_to_string("/proc/stat") else {
+        return Vec::new();
+    };
+    let mut cpus = Vec::new();
+    for line in text.lines() {
+        let mut fields = line.split_whitespace();
+        let Some(name) = fields.next() else { continue };
+        if name.len() <= 3 || !name.starts_with("cpu") {
+            continue;
+        }
+        // user nice system idle iowait irq softirq steal ...
+        let v: Vec<u64> = fields.take(8).filter_map(|f| f.parse().ok()).collect();
+        if v.len() < 8 {
+            continue;
+        }
+        let total: u64 = v.iter().sum();
+        let idle = v[3] + v[4];
+        cpus.push((total - idle, total));
+    }
+    cpus
+}
+
+/// Fraction of time CPU `cpu` was busy (with anything) between two [`cpu_jiffies`] snapshots.
+pub fn cpu_busy(before: &[(u64, u64)], after: &[(u64, u64)], cpu: usize) -> f64 {
+    match (before.get(cpu), after.get(cpu)) {
+        (Some(b), Some(a)) if a.1 > b.1 => (a.0 - b.0) as f64 / (a.1 - b.1) as f64,
+        _ => 0.0,
+    }
+}
+
+/// The 1-minute load average (other work on the machine skews every figure).
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|t| t.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".to_string())
+}
+
 // ---------------------------------------------------------------------------------------------
 // Statistics and formatting.
 
@@ -297,7 +337,11 @@ pub fn machine() -> String {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "unknown kernel".to_string());
-    format!("{} CPUs ({model}), Linux {kernel}", cpus())
+    format!(
+        "{} CPUs ({model}), Linux {kernel}, load average {} at start",
+        cpus(),
+        loadavg()
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
