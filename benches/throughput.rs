@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 use handover::testkit::{Load, LoadConfig, Mode, Server};
 
 /// Runs per server and mode (alternating between the servers).
-const RUNS: usize = 5;
+const RUNS: usize = 9;
 /// Length of one measured run.
-const RUN: Duration = Duration::from_secs(3);
+const RUN: Duration = Duration::from_millis(1500);
 /// Unmeasured load before each run.
 const WARMUP: Duration = Duration::from_millis(300);
 const WAIT: Duration = Duration::from_secs(20);
@@ -155,12 +155,16 @@ fn run() -> Result<(), String> {
             );
         }
         let pair = |f: fn(&Sample) -> f64| {
-            let r: Vec<f64> = samples[0]
+            let mut r: Vec<f64> = samples[0]
                 .iter()
                 .zip(&samples[1])
                 .map(|(a, b)| f(a) / f(b))
                 .collect();
-            common::median(&r).unwrap_or(0.0)
+            r.sort_by(f64::total_cmp);
+            let median = common::median(&r).unwrap_or(0.0);
+            // The middle half of the run pairs: the noise of this machine.
+            let (lo, hi) = (r[r.len() / 4], r[(r.len() * 3) / 4]);
+            format!("{median:.3} ({lo:.2}-{hi:.2})")
         };
         ratios.push((
             mode,
@@ -169,10 +173,13 @@ fn run() -> Result<(), String> {
             pair(|x| x.server_us_per_request),
         ));
     }
-    println!("\nratios http_server / plain_server (median of per-run-pair ratios; 1.00 = same):");
+    println!(
+        "\nratios http_server / plain_server: median of the ratios of runs done back to back \
+         (interquartile range of those ratios); 1.000 = same"
+    );
     for (mode, rps, p99, cpu) in ratios {
         println!(
-            "  {:<16} throughput {rps:.3}   p99 {p99:.3}   server CPU per request {cpu:.3}",
+            "  {:<16} throughput {rps}   p99 {p99}   server CPU per request {cpu}",
             mode.to_string()
         );
     }

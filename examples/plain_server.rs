@@ -77,6 +77,14 @@ fn parse_args() -> Result<Args, String> {
 }
 
 fn main() {
+    // Logging set up as in `http_server`, so that the two differ by `handover` only.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
     let args = match parse_args() {
         Ok(args) => args,
         Err(e) => {
@@ -165,6 +173,7 @@ async fn serve(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         writeln!(out, "ready pid={pid} generation={generation} addr={addr}")?;
         out.flush()?;
     }
+    tracing::info!(pid, generation, %addr, "ready");
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let app = Arc::new(App {
@@ -180,7 +189,7 @@ async fn serve(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 let stream = match accepted {
                     Ok((stream, _)) => stream,
                     Err(e) => {
-                        eprintln!("plain_server: accept failed: {e}");
+                        tracing::warn!(error = %e, "accept failed");
                         tokio::time::sleep(Duration::from_millis(10)).await;
                         continue;
                     }
@@ -215,8 +224,9 @@ async fn serve(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     })
     .await;
     if drained.is_err() {
-        eprintln!("plain_server: drain timeout reached; cutting the connections left");
+        tracing::warn!("drain timeout reached; cutting the connections left");
     }
+    tracing::info!("exiting");
     Ok(())
 }
 
