@@ -532,6 +532,13 @@ impl Response {
     }
 }
 
+/// Now plus `timeout`, or a year from now if that overflows (`Duration::MAX` means "no limit").
+fn deadline_after(timeout: Duration) -> TokioInstant {
+    let now = TokioInstant::now();
+    now.checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365))
+}
+
 fn request_bytes(addr: SocketAddr, path: &str, close: bool) -> Vec<u8> {
     format!(
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: handover-test-load\r\n{}\r\n",
@@ -869,7 +876,7 @@ pub struct Conn {
 impl Conn {
     /// Connects to `addr` within `timeout`.
     pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Conn, Failure> {
-        let stream = connect(addr, TokioInstant::now() + timeout).await?;
+        let stream = connect(addr, deadline_after(timeout)).await?;
         Ok(Conn { addr, stream })
     }
 
@@ -882,7 +889,7 @@ impl Conn {
         timeout: Duration,
     ) -> Result<Response, Failure> {
         let req = request_bytes(self.addr, path, close);
-        exchange(&mut self.stream, &req, TokioInstant::now() + timeout).await
+        exchange(&mut self.stream, &req, deadline_after(timeout)).await
     }
 
     /// Whether the server closed this connection while it was idle.
@@ -947,7 +954,7 @@ pub async fn get_async(
     path: &str,
     timeout: Duration,
 ) -> Result<Response, Failure> {
-    let deadline = TokioInstant::now() + timeout;
+    let deadline = deadline_after(timeout);
     let mut stream = connect(addr, deadline).await?;
     exchange(&mut stream, &request_bytes(addr, path, true), deadline).await
 }
@@ -1090,7 +1097,7 @@ async fn worker(ctx: Arc<Ctx>, id: usize) {
             }
         }
         let start = Instant::now();
-        let deadline = TokioInstant::now() + ctx.cfg.request_timeout;
+        let deadline = deadline_after(ctx.cfg.request_timeout);
         let fresh = conn.is_none();
         let mut stream = match conn.take() {
             Some(stream) => stream,
