@@ -26,7 +26,9 @@
 //! probed by connecting. A supervisor (`handover run`) is checked with [`Target::Started`].
 //!
 //! The parts are usable on their own: [`Load`] (the load client), [`Server`] (a process
-//! group with its ready lines, killed and reaped on drop) and [`get`] (one request).
+//! group with its ready lines, killed and reaped on drop), [`get`] (one request), the `/proc`
+//! helpers ([`zombies`], [`fd_count`], [`all_processes`], ...) and [`poll_until`] (a bounded
+//! wait that says what it waited for).
 //!
 //! ```toml
 //! [dev-dependencies]
@@ -52,5 +54,7 @@ pub use self::load::{
     LoadConfig, Mode, Report, Response, StopReason,
 };
 pub use self::server::{
-    all_processes, is_alive, proc_stat, status_kb, Exit, ProcStat, Ready, Server,
+    all_processes, become_subreaper, children_of, fd_count, fd_targets, is_alive, proc_stat,
+    status_kb, zombies, Exit, ProcStat, Ready, Server, SpawnOptions,
 };
+pub use self::wait::{poll_until, Deadline, Poll};

@@ -21,10 +21,54 @@ use super::Error;
 
 /// How long `Drop` keeps killing and reaping before it gives up with a warning on stderr.
 const DROP_REAP_TIMEOUT: Duration = Duration::from_secs(10);
-/// Bytes of stderr kept; older output is dropped first.
+/// Bytes of stderr kept by default; older output is dropped first.
 const STDERR_CAP: usize = 1 << 20;
-/// Lines of stdout and stderr shown in error messages.
+/// Lines of stdout and stderr shown in error messages by default.
 const DUMP_LINES: usize = 40;
+
+/// How [`Server::spawn_with`] handles the output of the server.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct SpawnOptions {
+    /// Copy every line of stdout and stderr to this process's stderr as it arrives, prefixed
+    /// with `[<name> stdout]` or `[<name> stderr]`. Default: off.
+    pub echo: bool,
+    /// Bytes of stderr kept; once exceeded, the older half is dropped. Default: 1 MiB.
+    pub stderr_cap: usize,
+    /// Lines of stdout and of stderr shown by [`Server::dump`] and in error details.
+    /// Default: 40.
+    pub dump_lines: usize,
+}
+
+impl Default for SpawnOptions {
+    fn default() -> SpawnOptions {
+        SpawnOptions {
+            echo: false,
+            stderr_cap: STDERR_CAP,
+            dump_lines: DUMP_LINES,
+        }
+    }
+}
+
+impl SpawnOptions {
+    /// Sets [`SpawnOptions::echo`].
+    pub fn echo(mut self, echo: bool) -> SpawnOptions {
+        self.echo = echo;
+        self
+    }
+
+    /// Sets [`SpawnOptions::stderr_cap`].
+    pub fn stderr_cap(mut self, bytes: usize) -> SpawnOptions {
+        self.stderr_cap = bytes;
+        self
+    }
+
+    /// Sets [`SpawnOptions::dump_lines`].
+    pub fn dump_lines(mut self, lines: usize) -> SpawnOptions {
+        self.dump_lines = lines;
+        self
+    }
+}
 
 /// A parsed ready line: `ready pid=<pid> generation=<n>`, optionally followed by
 /// `addr=<ip:port>` and other `key=value` tokens, which are ignored.
@@ -77,6 +121,13 @@ pub enum Exit {
     /// Gone, but reaped by a process other than this one (its parent was still alive), so the
     /// status is unknown.
     ReapedElsewhere,
+}
+
+impl Exit {
+    /// Whether this is `Exit::Code(0)`.
+    pub fn success(&self) -> bool {
+        *self == Exit::Code(0)
+    }
 }
 
 impl fmt::Display for Exit {
@@ -159,6 +210,59 @@ pub fn is_alive(pid: i32) -> bool {
     proc_stat(pid).is_some_and(|p| p.state != 'Z')
 }
 
+/// Children of `pid` (any state, zombies included).
+pub fn children_of(pid: i32) -> Vec<ProcStat> {
+    all_processes()
+        .into_iter()
+        .filter(|p| p.ppid == pid)
+        .collect()
+}
+
+/// Zombie children of this process: exited, and not reaped yet.
+pub fn zombies() -> Vec<ProcStat> {
+    let me = getpid().as_raw();
+    all_processes()
+        .into_iter()
+        .filter(|p| p.ppid == me && p.state == 'Z')
+        .collect()
+}
+
+/// Number of open file descriptors of `pid` (entries of `/proc/<pid>/fd`).
+///
+/// # Errors
+/// [`Error::Io`] if `/proc/<pid>/fd` cannot be read (no such process, no permission).
+pub fn fd_count(pid: i32) -> Result<usize, Error> {
+    let dir = format!("/proc/{pid}/fd");
+    match std::fs::read_dir(&dir) {
+        Ok(entries) => Ok(entries.count()),
+        Err(e) => Err(Error::io(format!("reading {dir}"), e)),
+    }
+}
+
+/// The open file descriptors of `pid` and what they point to (`socket:[123]`, `pipe:[45]`, a
+/// path), sorted by number: for messages about leaked fds. A link that cannot be read shows
+/// as `<error>`.
+///
+/// # Errors
+/// [`Error::Io`] if `/proc/<pid>/fd` cannot be read (no such process, no permission).
+pub fn fd_targets(pid: i32) -> Result<Vec<(i32, String)>, Error> {
+    let dir = format!("/proc/{pid}/fd");
+    let err = |e| Error::io(format!("reading {dir}"), e);
+    let mut fds = Vec::new();
+    for entry in std::fs::read_dir(&dir).map_err(err)? {
+        let entry = entry.map_err(err)?;
+        let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+            continue;
+        };
+        let target = std::fs::read_link(entry.path())
+            .map(|t| t.display().to_string())
+            .unwrap_or_else(|e| format!("<{e}>"));
+        fds.push((fd, target));
+    }
+    fds.sort();
+    Ok(fds)
+}
+
 /// A field of `/proc/<pid>/status` in kB (`VmRSS`, `VmHWM`, ...).
 pub fn status_kb(pid: i32, field: &str) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -168,9 +272,13 @@ pub fn status_kb(pid: i32, field: &str) -> Option<u64> {
     })
 }
 
-/// Makes this process a child subreaper (once), so that generations orphaned by the exit of
-/// their parent (the previous generation) are reparented to it and can be reaped here.
-fn become_subreaper() -> Result<(), Error> {
+/// Makes this process a child subreaper (`PR_SET_CHILD_SUBREAPER`, once per process), so that
+/// descendants orphaned by the exit of their parent (a previous generation) are reparented to
+/// it instead of to init, and can be reaped here. [`Server::spawn`] calls it.
+///
+/// # Errors
+/// [`Error::Io`] if `prctl` fails (the same error on every later call).
+pub fn become_subreaper() -> Result<(), Error> {
     static DONE: OnceLock<Result<(), Errno>> = OnceLock::new();
     match DONE.get_or_init(|| nix::sys::prctl::set_child_subreaper(true)) {
         Ok(()) => Ok(()),
@@ -197,10 +305,14 @@ fn try_reap(pid: i32) -> Result<Option<Exit>, Errno> {
 #[derive(Default)]
 struct State {
     stdout: Vec<String>,
+    /// Index of the first stdout line [`Server::wait_line`] has not consumed yet.
+    cursor: usize,
     readies: Vec<Ready>,
     stdout_closed: bool,
     stderr: String,
     stderr_lines: Vec<(Instant, String)>,
+    /// Bytes of stderr dropped to stay under the cap.
+    stderr_dropped: usize,
     stderr_closed: bool,
     /// Pids that may still need to be killed and reaped: the first process and every pid
     /// named by a ready line. A pid leaves this set once its exit has been recorded.
@@ -239,6 +351,7 @@ impl Shared {
 pub struct Server {
     name: String,
     pid: i32,
+    dump_lines: usize,
     shared: Arc<Shared>,
 }
 
@@ -257,7 +370,15 @@ impl Server {
     /// # Errors
     /// [`Error::Spawn`] if it cannot be started, [`Error::Io`] if this process cannot become a
     /// child subreaper or cannot start the threads that read the output.
-    pub fn spawn(mut cmd: Command) -> Result<Server, Error> {
+    pub fn spawn(cmd: Command) -> Result<Server, Error> {
+        Server::spawn_with(cmd, SpawnOptions::default())
+    }
+
+    /// Like [`Server::spawn`], with `options` for the handling of the output.
+    ///
+    /// # Errors
+    /// As [`Server::spawn`].
+    pub fn spawn_with(mut cmd: Command, options: SpawnOptions) -> Result<Server, Error> {
         become_subreaper()?;
         let name = Path::new(cmd.get_program())
             .file_name()
@@ -283,7 +404,12 @@ impl Server {
             state: Mutex::new(state),
             changed: Condvar::new(),
         });
-        let server = Server { name, pid, shared };
+        let server = Server {
+            name,
+            pid,
+            dump_lines: options.dump_lines,
+            shared,
+        };
         // From here on, an error drops `server`, which kills and reaps the process.
         let (Some(stdout), Some(stderr)) = (stdout, stderr) else {
             return Err(Error::io(
@@ -291,8 +417,8 @@ impl Server {
                 io::Error::other("stdout or stderr was not piped"),
             ));
         };
-        let group = pid;
-        server.spawn_reader("stdout", stdout, move |st, line| {
+        let (group, echo, cap) = (pid, options.echo, options.stderr_cap);
+        server.spawn_reader("stdout", stdout, echo, move |st, line| {
             if let Some(ready) = Ready::parse(&line) {
                 // Only a process of ours: a server in another pid namespace reports pids
                 // that name other processes here.
@@ -303,16 +429,17 @@ impl Server {
             }
             st.stdout.push(line);
         })?;
-        server.spawn_reader("stderr", stderr, |st, line| {
+        server.spawn_reader("stderr", stderr, echo, move |st, line| {
             st.stderr.push_str(&line);
             st.stderr.push('\n');
             st.stderr_lines.push((Instant::now(), line));
-            if st.stderr.len() > STDERR_CAP {
-                let mut cut = st.stderr.len() - STDERR_CAP / 2;
+            if st.stderr.len() > cap {
+                let mut cut = st.stderr.len() - cap / 2;
                 while !st.stderr.is_char_boundary(cut) {
                     cut += 1;
                 }
                 st.stderr.drain(..cut);
+                st.stderr_dropped += cut;
                 let keep = st.stderr_lines.len() / 2;
                 st.stderr_lines.drain(..keep);
             }
@@ -324,11 +451,13 @@ impl Server {
         &self,
         stream: &'static str,
         pipe: R,
+        echo: bool,
         on_line: impl Fn(&mut State, String) + Send + 'static,
     ) -> Result<(), Error> {
         let shared = self.shared.clone();
+        let name = self.name.clone();
         std::thread::Builder::new()
-            .name(format!("{}-{stream}", self.name))
+            .name(format!("{name}-{stream}"))
             .spawn(move || {
                 let mut reader = BufReader::new(pipe);
                 let mut buf = Vec::new();
@@ -341,6 +470,9 @@ impl Server {
                                 buf.pop();
                             }
                             let line = String::from_utf8_lossy(&buf).into_owned();
+                            if echo {
+                                eprintln!("[{name} {stream}] {line}");
+                            }
                             on_line(&mut shared.lock(), line);
                             shared.changed.notify_all();
                         }
@@ -369,6 +501,39 @@ impl Server {
         self.pid
     }
 
+    /// Waits until a stdout line not yet consumed by an earlier `wait_line` satisfies `pred`,
+    /// and returns it; the lines before it are consumed too. Ready lines are recorded apart
+    /// from this cursor: [`Server::wait_ready`] finds one even if `wait_line` skipped it.
+    ///
+    /// # Errors
+    /// [`Error::Wait`] at the timeout, or at once when stdout closes first; the detail holds
+    /// the recent output.
+    pub fn wait_line(
+        &self,
+        mut pred: impl FnMut(&str) -> bool,
+        timeout: Duration,
+    ) -> Result<String, Error> {
+        let deadline = Deadline::after(timeout);
+        let mut st = self.shared.lock();
+        loop {
+            while st.cursor < st.stdout.len() {
+                let i = st.cursor;
+                st.cursor += 1;
+                if pred(&st.stdout[i]) {
+                    return Ok(st.stdout[i].clone());
+                }
+            }
+            if st.stdout_closed || deadline.expired() {
+                return Err(self.wait_error(
+                    format!("a matching stdout line from {}", self.name),
+                    &deadline,
+                    &st,
+                ));
+            }
+            st = self.wait_change(st, &deadline);
+        }
+    }
+
     /// Waits for the ready line of `generation`.
     ///
     /// # Errors
@@ -376,7 +541,7 @@ impl Server {
     /// the recent output.
     pub fn wait_ready(&self, generation: u64, timeout: Duration) -> Result<Ready, Error> {
         self.wait_state(
-            format!("the ready line of generation {generation}"),
+            format!("`ready ... generation={generation}` from {}", self.name),
             timeout,
             |st| {
                 st.readies
@@ -468,21 +633,29 @@ impl Server {
                 return Ok(found);
             }
             if st.stdout_closed || deadline.expired() {
-                return Err(Error::Wait {
-                    what,
-                    waited: deadline.elapsed(),
-                    timed_out: !st.stdout_closed,
-                    detail: if st.stdout_closed {
-                        format!(
-                            "stdout closed (every process holding it exited)\n{}",
-                            self.dump_locked(&st)
-                        )
-                    } else {
-                        self.dump_locked(&st)
-                    },
-                });
+                return Err(self.wait_error(what, &deadline, &st));
             }
             st = self.wait_change(st, &deadline);
+        }
+    }
+
+    /// The error of a wait on stdout that ended without a match: stdout closed, or the
+    /// deadline passed. The detail holds the ready lines seen and the recent output.
+    fn wait_error(&self, what: String, deadline: &Deadline, st: &State) -> Error {
+        let readies: Vec<(i32, u64)> = st.readies.iter().map(|r| (r.pid, r.generation)).collect();
+        let seen = format!("ready lines seen (pid, generation): {readies:?}");
+        Error::Wait {
+            what,
+            waited: deadline.elapsed(),
+            timed_out: !st.stdout_closed,
+            detail: if st.stdout_closed {
+                format!(
+                    "stdout closed (every process holding it exited); {seen}\n{}",
+                    self.dump_locked(st)
+                )
+            } else {
+                format!("{seen}\n{}", self.dump_locked(st))
+            },
         }
     }
 
@@ -530,23 +703,30 @@ impl Server {
 
     fn dump_locked(&self, st: &State) -> String {
         let mut out = String::new();
-        let skip = st.stdout.len().saturating_sub(DUMP_LINES);
+        let skip = st.stdout.len().saturating_sub(self.dump_lines);
         out.push_str(&format!(
-            "---- {} stdout ({} lines{}) ----\n",
+            "---- {} stdout ({} lines{}{}) ----\n",
             self.name,
             st.stdout.len(),
             if skip > 0 { ", last ones" } else { "" },
+            if st.stdout_closed { ", closed" } else { "" }
         ));
         for line in &st.stdout[skip..] {
             out.push_str(line);
             out.push('\n');
         }
         let lines: Vec<&str> = st.stderr.lines().collect();
-        let skip = lines.len().saturating_sub(DUMP_LINES);
+        let skip = lines.len().saturating_sub(self.dump_lines);
         out.push_str(&format!(
-            "---- {} stderr ({} lines kept) ----\n",
+            "---- {} stderr ({} lines kept{}{}) ----\n",
             self.name,
-            lines.len()
+            lines.len(),
+            if skip > 0 || st.stderr_dropped > 0 {
+                ", last ones"
+            } else {
+                ""
+            },
+            if st.stderr_closed { ", closed" } else { "" }
         ));
         for line in &lines[skip..] {
             out.push_str(line);
@@ -570,6 +750,31 @@ impl Server {
         kill(Pid::from_raw(pid), sig).map_err(err)
     }
 
+    /// Sends `signal` to the latest ready generation ([`Server::latest_ready`]), or to the
+    /// first process if none is ready yet.
+    ///
+    /// # Errors
+    /// As [`Server::signal`].
+    pub fn signal_latest(&self, signal: i32) -> Result<(), Error> {
+        let pid = self.latest_ready().map_or(self.pid, |r| r.pid);
+        self.signal(pid, signal)
+    }
+
+    /// Sends `signal` to the whole process group.
+    ///
+    /// # Errors
+    /// [`Error::Signal`] (with the group id as `pid`) if the number is not a signal or
+    /// `killpg(2)` fails.
+    pub fn signal_group(&self, signal: i32) -> Result<(), Error> {
+        let err = |e: Errno| Error::Signal {
+            pid: self.pid,
+            signal,
+            source: io::Error::from_raw_os_error(e as i32),
+        };
+        let sig = Signal::try_from(signal).map_err(err)?;
+        killpg(Pid::from_raw(self.pid), sig).map_err(err)
+    }
+
     /// Waits for `pid` (the first process or a later generation) to exit, and reaps it if it
     /// is a child of this process. A process reaped by its own parent gives
     /// [`Exit::ReapedElsewhere`]. The status is remembered: asking again returns it. A
@@ -578,6 +783,25 @@ impl Server {
     /// # Errors
     /// [`Error::Wait`] at the timeout, [`Error::Io`] if `waitpid` fails oddly.
     pub fn wait_exit(&self, pid: i32, timeout: Duration) -> Result<Exit, Error> {
+        self.wait_exit_inner(pid, timeout, true)
+    }
+
+    /// Like [`Server::wait_exit`], except that a zombie whose parent is still alive is waited
+    /// for until it is reaped: by its parent ([`Exit::ReapedElsewhere`]), or by this process
+    /// once the parent has exited and it was reparented here (its real status).
+    ///
+    /// # Errors
+    /// As [`Server::wait_exit`].
+    pub fn wait_reaped(&self, pid: i32, timeout: Duration) -> Result<Exit, Error> {
+        self.wait_exit_inner(pid, timeout, false)
+    }
+
+    fn wait_exit_inner(
+        &self,
+        pid: i32,
+        timeout: Duration,
+        zombie_is_exit: bool,
+    ) -> Result<Exit, Error> {
         if let Some(exit) = self.shared.lock().exits.get(&pid) {
             return Ok(*exit);
         }
@@ -589,7 +813,9 @@ impl Server {
                 // Not our child: gone already, a zombie of a living parent, or alive.
                 Err(Errno::ECHILD) => match proc_stat(pid) {
                     None => Poll::Ready(Exit::ReapedElsewhere),
-                    Some(p) if p.state == 'Z' => Poll::Ready(Exit::ReapedElsewhere),
+                    Some(p) if zombie_is_exit && p.state == 'Z' => {
+                        Poll::Ready(Exit::ReapedElsewhere)
+                    }
                     Some(_) => Poll::Pending(describe(pid)),
                 },
                 Err(e) => {
@@ -618,6 +844,16 @@ impl Server {
     /// Exit statuses collected so far.
     pub fn exits(&self) -> BTreeMap<i32, Exit> {
         self.shared.lock().exits.clone()
+    }
+
+    /// Processes of this server (of its process group, or named by a ready line) that are
+    /// zombies parented to this process: exited, and not reaped yet.
+    pub fn zombies(&self) -> Vec<ProcStat> {
+        let known = self.shared.lock().known.clone();
+        zombies()
+            .into_iter()
+            .filter(|p| p.pgrp == self.pid || known.contains(&p.pid))
+            .collect()
     }
 
     /// Live processes of the process group (zombies excluded), oldest first.
@@ -738,8 +974,11 @@ fn describe(pid: i32) -> String {
     match proc_stat(pid) {
         None => format!("pid {pid} does not exist"),
         Some(p) => format!(
-            "pid {pid} ({}) in state {} with parent {}",
-            p.comm, p.state, p.ppid
+            "pid {pid} ({}) in state {} with parent {} (this process is {})",
+            p.comm,
+            p.state,
+            p.ppid,
+            getpid()
         ),
     }
 }

@@ -9,14 +9,14 @@ use super::Error;
 
 /// A point in time by which a wait must be over.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Deadline {
+pub struct Deadline {
     start: Instant,
     end: Instant,
 }
 
 impl Deadline {
     /// A deadline `timeout` from now (saturating far in the future).
-    pub(crate) fn after(timeout: Duration) -> Deadline {
+    pub fn after(timeout: Duration) -> Deadline {
         let start = Instant::now();
         let end = start
             .checked_add(timeout)
@@ -25,18 +25,28 @@ impl Deadline {
     }
 
     /// Time left, zero once expired.
-    pub(crate) fn remaining(&self) -> Duration {
+    pub fn remaining(&self) -> Duration {
         self.end.saturating_duration_since(Instant::now())
     }
 
     /// Whether the deadline has passed.
-    pub(crate) fn expired(&self) -> bool {
+    pub fn expired(&self) -> bool {
         Instant::now() >= self.end
     }
 
     /// Time since the deadline was created.
-    pub(crate) fn elapsed(&self) -> Duration {
+    pub fn elapsed(&self) -> Duration {
         self.start.elapsed()
+    }
+
+    /// The whole budget this deadline was created with (after saturation).
+    pub fn budget(&self) -> Duration {
+        self.end - self.start
+    }
+
+    /// The instant of expiry.
+    pub fn instant(&self) -> Instant {
+        self.end
     }
 }
 
@@ -52,7 +62,7 @@ fn poll_pause(round: u32, deadline: &Deadline) -> Duration {
 }
 
 /// What one poll of a condition found.
-pub(crate) enum Poll<T> {
+pub enum Poll<T> {
     /// The condition holds: stop waiting with this value.
     Ready(T),
     /// Not yet; the string describes the state seen, for the timeout message.
@@ -63,7 +73,11 @@ pub(crate) enum Poll<T> {
 
 /// Polls `check` until it is ready or failed, or until `timeout` has passed. `check` is
 /// always called at least once, and once more at the deadline.
-pub(crate) fn poll_until<T>(
+///
+/// # Errors
+/// [`Error::Wait`] naming `what`: with `timed_out` and the last pending state at the
+/// deadline, without it and with the reason when `check` fails.
+pub fn poll_until<T>(
     what: impl fmt::Display,
     timeout: Duration,
     mut check: impl FnMut() -> Poll<T>,

@@ -2,74 +2,13 @@
 //!
 //! There is no "sleep then check": every wait names what it waits for, has a deadline, and on
 //! timeout returns an error that says what was awaited, for how long, and the last state seen.
-//! Polling with a short pause inside a bounded loop is used only for state that cannot notify
-//! (`/proc`, counters of a background load).
+//! [`Deadline`], [`Poll`] and the polling itself are the library's
+//! ([`handover::testkit::poll_until`]); the waits here return the error as a `String`.
 
 use std::fmt;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// A point in time by which a wait must be over.
-#[derive(Clone, Copy, Debug)]
-pub struct Deadline {
-    start: Instant,
-    end: Instant,
-}
-
-impl Deadline {
-    /// A deadline `timeout` from now.
-    pub fn after(timeout: Duration) -> Deadline {
-        let start = Instant::now();
-        Deadline {
-            start,
-            end: start + timeout,
-        }
-    }
-
-    /// Time left, zero once expired.
-    pub fn remaining(&self) -> Duration {
-        self.end.saturating_duration_since(Instant::now())
-    }
-
-    /// Whether the deadline has passed.
-    pub fn expired(&self) -> bool {
-        Instant::now() >= self.end
-    }
-
-    /// Time since the deadline was created.
-    pub fn elapsed(&self) -> Duration {
-        self.start.elapsed()
-    }
-
-    /// The whole budget this deadline was created with.
-    pub fn budget(&self) -> Duration {
-        self.end - self.start
-    }
-
-    /// The instant of expiry.
-    pub fn instant(&self) -> Instant {
-        self.end
-    }
-}
-
-/// Pause between two polls: short at first, growing to 20 ms, never past the deadline.
-fn poll_pause(round: u32, deadline: &Deadline) -> Duration {
-    let base = Duration::from_millis(match round {
-        0..=9 => 1,
-        10..=49 => 5,
-        _ => 20,
-    });
-    base.min(deadline.remaining())
-}
-
-/// What one poll of a condition found.
-pub enum Poll<T> {
-    /// The condition holds: stop waiting with this value.
-    Ready(T),
-    /// Not yet; the string describes the state seen, for the timeout message.
-    Pending(String),
-    /// It never will (the awaited process is gone, the load has finished): stop waiting now.
-    Failed(String),
-}
+pub use handover::testkit::{Deadline, Poll};
 
 /// Polls `check` until it is ready or failed, or until `timeout` has passed.
 ///
@@ -78,31 +17,9 @@ pub enum Poll<T> {
 pub fn poll_until<T>(
     what: impl fmt::Display,
     timeout: Duration,
-    mut check: impl FnMut() -> Poll<T>,
+    check: impl FnMut() -> Poll<T>,
 ) -> Result<T, String> {
-    let deadline = Deadline::after(timeout);
-    let mut round = 0u32;
-    loop {
-        let expired = deadline.expired();
-        match check() {
-            Poll::Ready(value) => return Ok(value),
-            Poll::Failed(why) => {
-                return Err(format!(
-                    "gave up after {:?} waiting for {what}: {why}",
-                    deadline.elapsed()
-                ))
-            }
-            Poll::Pending(state) if expired => {
-                return Err(format!(
-                    "timed out after {:?} waiting for {what}; last state: {state}",
-                    deadline.elapsed()
-                ))
-            }
-            Poll::Pending(_) => {}
-        }
-        std::thread::sleep(poll_pause(round, &deadline));
-        round = round.saturating_add(1);
-    }
+    handover::testkit::poll_until(what, timeout, check).map_err(|e| e.to_string())
 }
 
 /// Polls `check` until it returns `Ok`, or fails once `timeout` has passed.
