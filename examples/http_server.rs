@@ -23,8 +23,9 @@
 //! generation) between requests; a connection still idle after a short grace
 //! is closed by hyper's `graceful_shutdown`, which for HTTP/2 sends GOAWAY.
 
-use std::convert::Infallible;
-use std::io::Write;
+#[path = "shared/app.rs"]
+mod app;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,16 +34,13 @@ use bytes::Bytes;
 use handover::{Handover, Options, Watch};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONNECTION};
 use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode, Version};
+use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tracing::{info, warn};
 
-/// How long a stopping generation lets an idle HTTP/1 connection be before
-/// closing it; see `Watch::graceful`.
-const IDLE_GRACE: Duration = Duration::from_millis(500);
+use app::{status, IDLE_GRACE};
 
 struct Args {
     listen: SocketAddr,
@@ -53,36 +51,24 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args, String> {
-    let mut args = Args {
-        listen: "127.0.0.1:8080".parse().expect("literal address"),
-        child_probe: false,
-        upgrade_endpoint: false,
-        ready_timeout: Duration::from_secs(60),
-        drain_timeout: Duration::from_secs(30),
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().ok_or(format!("{flag} needs a value"));
-        let ms = |v: String| {
-            v.parse::<u64>()
-                .map(Duration::from_millis)
-                .map_err(|_| format!("{flag}: {v:?} is not a number of milliseconds"))
-        };
-        match flag.as_str() {
-            "--listen" => {
-                let v = value()?;
-                args.listen = v
-                    .parse()
-                    .map_err(|_| format!("--listen: {v:?} is not an IP:PORT address"))?;
-            }
-            "--ready-timeout-ms" => args.ready_timeout = ms(value()?)?,
-            "--child-probe" => args.child_probe = true,
-            "--upgrade-endpoint" => args.upgrade_endpoint = true,
-            "--drain-timeout-ms" => args.drain_timeout = ms(value()?)?,
-            other => return Err(format!("unknown option {other:?}")),
+    let (mut child_probe, mut upgrade_endpoint) = (false, false);
+    let mut ready_timeout = Duration::from_secs(60);
+    let common = app::parse_args(|flag, value| {
+        match flag {
+            "--ready-timeout-ms" => ready_timeout = value.ms()?,
+            "--child-probe" => child_probe = true,
+            "--upgrade-endpoint" => upgrade_endpoint = true,
+            _ => return Ok(false),
         }
-    }
-    Ok(args)
+        Ok(true)
+    })?;
+    Ok(Args {
+        listen: common.listen,
+        child_probe,
+        upgrade_endpoint,
+        ready_timeout,
+        drain_timeout: common.drain_timeout,
+    })
 }
 
 fn main() {
@@ -93,13 +79,7 @@ fn main() {
 }
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    app::init_logging();
     let args = match parse_args() {
         Ok(args) => args,
         Err(e) => {
@@ -134,11 +114,7 @@ async fn serve(handover: Handover, args: Args) -> Result<(), Box<dyn std::error:
     let pid = std::process::id();
     let generation = handover.generation();
     handover.ready()?;
-    {
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "ready pid={pid} generation={generation} addr={addr}")?;
-        out.flush()?;
-    }
+    app::print_ready(pid, generation, addr)?;
 
     let watch = handover.watch();
     let app = Arc::new(App {
@@ -165,7 +141,7 @@ async fn serve(handover: Handover, args: Args) -> Result<(), Box<dyn std::error:
                 };
                 let _ = stream.set_nodelay(true);
                 let app = app.clone();
-                let service = service_fn(move |req| respond(req, app.clone()));
+                let service = service_fn(move |req| app::respond(req, app.clone()));
                 let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
                 let conn = watch.graceful(conn, IDLE_GRACE, |conn| conn.graceful_shutdown());
                 tokio::spawn(async move {
@@ -186,67 +162,47 @@ async fn serve(handover: Handover, args: Args) -> Result<(), Box<dyn std::error:
     Ok(())
 }
 
-async fn respond(
-    req: Request<Incoming>,
-    app: Arc<App>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    let body = format!("pid={} generation={}", app.pid, app.generation);
-    let mut response = match req.uri().path() {
-        "/" => Response::new(Full::new(Bytes::from(body))),
-        "/slow" => {
-            let ms = req
-                .uri()
-                .query()
-                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("ms=")))
-                .and_then(|v| v.parse::<u64>().ok());
-            match ms {
-                Some(ms) => {
-                    tokio::time::sleep(Duration::from_millis(ms)).await;
-                    Response::new(Full::new(Bytes::from(body)))
-                }
-                None => status(StatusCode::BAD_REQUEST, "slow needs ?ms=N\n"),
-            }
-        }
-        "/upgrade" if app.upgrade_endpoint && req.method() == Method::POST => {
-            match app.handover.upgrade().await {
-                Ok(up) => Response::new(Full::new(Bytes::from(format!(
-                    "upgraded pid={} generation={} ready_ms={}\n",
-                    up.pid,
-                    up.generation,
-                    up.ready_after.as_millis()
-                )))),
-                Err(e) => {
-                    let mut r = Response::new(Full::new(Bytes::from(format!("failed: {e}\n"))));
-                    *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-                    r
-                }
-            }
-        }
-        "/child" if app.child_probe => {
-            let output = tokio::process::Command::new("/bin/sh")
-                .args(["-c", "ls -l /proc/$$/fd; env"])
-                .output()
-                .await;
-            match output {
-                Ok(out) => Response::new(Full::new(Bytes::from(out.stdout))),
-                Err(_) => status(StatusCode::INTERNAL_SERVER_ERROR, "cannot run /bin/sh\n"),
-            }
-        }
-        _ => status(StatusCode::NOT_FOUND, "not found\n"),
-    };
-    // While draining, ask HTTP/1 clients to reconnect (to the new generation)
-    // after this response, instead of closing a connection they may be
-    // sending on.
-    if app.watch.is_stopping() && req.version() <= Version::HTTP_11 {
-        response
-            .headers_mut()
-            .insert(CONNECTION, HeaderValue::from_static("close"));
+impl app::App for App {
+    fn pid(&self) -> u32 {
+        self.pid
     }
-    Ok(response)
-}
 
-fn status(code: StatusCode, text: &'static str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
-    *response.status_mut() = code;
-    response
+    fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    fn is_stopping(&self) -> bool {
+        self.watch.is_stopping()
+    }
+
+    async fn route(&self, req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
+        Some(match req.uri().path() {
+            "/upgrade" if self.upgrade_endpoint && req.method() == Method::POST => {
+                match self.handover.upgrade().await {
+                    Ok(up) => Response::new(Full::new(Bytes::from(format!(
+                        "upgraded pid={} generation={} ready_ms={}\n",
+                        up.pid,
+                        up.generation,
+                        up.ready_after.as_millis()
+                    )))),
+                    Err(e) => {
+                        let mut r = Response::new(Full::new(Bytes::from(format!("failed: {e}\n"))));
+                        *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                        r
+                    }
+                }
+            }
+            "/child" if self.child_probe => {
+                let output = tokio::process::Command::new("/bin/sh")
+                    .args(["-c", "ls -l /proc/$$/fd; env"])
+                    .output()
+                    .await;
+                match output {
+                    Ok(out) => Response::new(Full::new(Bytes::from(out.stdout))),
+                    Err(_) => status(StatusCode::INTERNAL_SERVER_ERROR, "cannot run /bin/sh\n"),
+                }
+            }
+            _ => return None,
+        })
+    }
 }

@@ -20,8 +20,9 @@
 //! the connections end or the drain timeout. SIGHUP is not handled: this server cannot
 //! upgrade itself.
 
-use std::convert::Infallible;
-use std::io::Write;
+#[path = "shared/app.rs"]
+mod app;
+
 use std::net::SocketAddr;
 use std::os::fd::FromRawFd;
 use std::sync::Arc;
@@ -30,16 +31,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONNECTION};
 use hyper::service::service_fn;
-use hyper::{Request, Response, StatusCode, Version};
+use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
-/// As in `http_server`: how long a stopping server lets an idle HTTP/1 connection be.
-const IDLE_GRACE: Duration = Duration::from_millis(500);
+use app::IDLE_GRACE;
 
 struct Args {
     listen: SocketAddr,
@@ -48,43 +47,24 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args, String> {
-    let mut args = Args {
-        listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-        drain_timeout: Duration::from_secs(30),
-        startup_delay: Duration::ZERO,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().ok_or(format!("{flag} needs a value"));
-        let ms = |v: String| {
-            v.parse::<u64>()
-                .map(Duration::from_millis)
-                .map_err(|_| format!("{flag}: {v:?} is not a number of milliseconds"))
-        };
-        match flag.as_str() {
-            "--listen" => {
-                let v = value()?;
-                args.listen = v
-                    .parse()
-                    .map_err(|_| format!("--listen: {v:?} is not an IP:PORT address"))?;
-            }
-            "--drain-timeout-ms" => args.drain_timeout = ms(value()?)?,
-            "--startup-delay-ms" => args.startup_delay = ms(value()?)?,
-            other => return Err(format!("unknown option {other:?}")),
+    let mut startup_delay = Duration::ZERO;
+    let common = app::parse_args(|flag, value| {
+        match flag {
+            "--startup-delay-ms" => startup_delay = value.ms()?,
+            _ => return Ok(false),
         }
-    }
-    Ok(args)
+        Ok(true)
+    })?;
+    Ok(Args {
+        listen: common.listen,
+        drain_timeout: common.drain_timeout,
+        startup_delay,
+    })
 }
 
 fn main() {
     // Logging set up as in `http_server`, so that the two differ by `handover` only.
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    app::init_logging();
     let args = match parse_args() {
         Ok(args) => args,
         Err(e) => {
@@ -168,11 +148,7 @@ async fn serve(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .and_then(|g| g.parse().ok())
         .unwrap_or(1u64);
     notify_ready()?;
-    {
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "ready pid={pid} generation={generation} addr={addr}")?;
-        out.flush()?;
-    }
+    app::print_ready(pid, generation, addr)?;
     tracing::info!(pid, generation, %addr, "ready");
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -196,7 +172,7 @@ async fn serve(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 };
                 let _ = stream.set_nodelay(true);
                 let app = app.clone();
-                let service = service_fn(move |req| respond(req, app.clone()));
+                let service = service_fn(move |req| app::respond(req, app.clone()));
                 let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
                 let mut stopping = stop_rx.clone();
                 connections.spawn(async move {
@@ -230,39 +206,20 @@ async fn serve(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-async fn respond(
-    req: Request<Incoming>,
-    app: Arc<App>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    let body = format!("pid={} generation={}", app.pid, app.generation);
-    let mut response = match req.uri().path() {
-        "/" => Response::new(Full::new(Bytes::from(body))),
-        "/slow" => {
-            let ms = req
-                .uri()
-                .query()
-                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("ms=")))
-                .and_then(|v| v.parse::<u64>().ok());
-            match ms {
-                Some(ms) => {
-                    tokio::time::sleep(Duration::from_millis(ms)).await;
-                    Response::new(Full::new(Bytes::from(body)))
-                }
-                None => status(StatusCode::BAD_REQUEST, "slow needs ?ms=N\n"),
-            }
-        }
-        _ => status(StatusCode::NOT_FOUND, "not found\n"),
-    };
-    if *app.stopping.borrow() && req.version() <= Version::HTTP_11 {
-        response
-            .headers_mut()
-            .insert(CONNECTION, HeaderValue::from_static("close"));
+impl app::App for App {
+    fn pid(&self) -> u32 {
+        self.pid
     }
-    Ok(response)
-}
 
-fn status(code: StatusCode, text: &'static str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
-    *response.status_mut() = code;
-    response
+    fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    fn is_stopping(&self) -> bool {
+        *self.stopping.borrow()
+    }
+
+    async fn route(&self, _req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
+        None
+    }
 }

@@ -1,0 +1,160 @@
+//! What `http_server` and `plain_server` share, so that the two differ by `handover` only (the
+//! throughput bench compares them): the request handler, the common options, the logging
+//! set-up and the ready line. Included by both with `#[path = "shared/app.rs"] mod app;`.
+
+use std::future::Future;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONNECTION};
+use hyper::{Request, Response, StatusCode, Version};
+
+/// How long a stopping server lets an idle HTTP/1 connection be before closing it; see
+/// `Watch::graceful`.
+pub const IDLE_GRACE: Duration = Duration::from_millis(500);
+
+/// The options both servers take: `--listen ADDR` (default 127.0.0.1:8080) and
+/// `--drain-timeout-ms N` (30000).
+pub struct CommonArgs {
+    pub listen: SocketAddr,
+    pub drain_timeout: Duration,
+}
+
+/// The value of a command-line flag, taken from the arguments on demand.
+pub struct Value<'a> {
+    flag: &'a str,
+    it: &'a mut dyn Iterator<Item = String>,
+}
+
+impl Value<'_> {
+    /// The next argument, as is.
+    pub fn string(&mut self) -> Result<String, String> {
+        self.it.next().ok_or(format!("{} needs a value", self.flag))
+    }
+
+    /// The next argument, a number of milliseconds.
+    pub fn ms(&mut self) -> Result<Duration, String> {
+        let v = self.string()?;
+        v.parse::<u64>()
+            .map(Duration::from_millis)
+            .map_err(|_| format!("{}: {v:?} is not a number of milliseconds", self.flag))
+    }
+}
+
+/// Parses the command line: the common options, and those `extra` knows (it returns `false`
+/// for a flag it does not know, which is an error).
+pub fn parse_args(
+    mut extra: impl FnMut(&str, &mut Value<'_>) -> Result<bool, String>,
+) -> Result<CommonArgs, String> {
+    let mut args = CommonArgs {
+        listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+        drain_timeout: Duration::from_secs(30),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = Value {
+            flag: &flag,
+            it: &mut it,
+        };
+        match flag.as_str() {
+            "--listen" => {
+                let v = value.string()?;
+                args.listen = v
+                    .parse()
+                    .map_err(|_| format!("--listen: {v:?} is not an IP:PORT address"))?;
+            }
+            "--drain-timeout-ms" => args.drain_timeout = value.ms()?,
+            other => {
+                if !extra(other, &mut value)? {
+                    return Err(format!("unknown option {other:?}"));
+                }
+            }
+        }
+    }
+    Ok(args)
+}
+
+/// Logs to stderr (colours on a terminal), filtered by `RUST_LOG`, `info` by default.
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+}
+
+/// Prints `ready pid=<pid> generation=<n> addr=<addr>` on stdout, flushed.
+pub fn print_ready(pid: u32, generation: u64, addr: SocketAddr) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "ready pid={pid} generation={generation} addr={addr}")?;
+    out.flush()
+}
+
+/// What the handler needs from the server it runs in.
+pub trait App: Send + Sync + 'static {
+    /// This process.
+    fn pid(&self) -> u32;
+    /// Its generation.
+    fn generation(&self) -> u64;
+    /// Whether it is draining.
+    fn is_stopping(&self) -> bool;
+    /// Routes of this server beyond `/` and `/slow`; `None`: not found.
+    fn route(
+        &self,
+        req: &Request<Incoming>,
+    ) -> impl Future<Output = Option<Response<Full<Bytes>>>> + Send;
+}
+
+/// The handler: `/` answers `pid=<pid> generation=<n>`, `/slow?ms=N` the same after N ms,
+/// then the server's own routes, else 404. While draining, HTTP/1 responses carry
+/// `Connection: close`.
+pub async fn respond<A: App>(
+    req: Request<Incoming>,
+    app: Arc<A>,
+) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+    let body = format!("pid={} generation={}", app.pid(), app.generation());
+    let mut response = match req.uri().path() {
+        "/" => Response::new(Full::new(Bytes::from(body))),
+        "/slow" => {
+            let ms = req
+                .uri()
+                .query()
+                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("ms=")))
+                .and_then(|v| v.parse::<u64>().ok());
+            match ms {
+                Some(ms) => {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    Response::new(Full::new(Bytes::from(body)))
+                }
+                None => status(StatusCode::BAD_REQUEST, "slow needs ?ms=N\n"),
+            }
+        }
+        _ => match app.route(&req).await {
+            Some(response) => response,
+            None => status(StatusCode::NOT_FOUND, "not found\n"),
+        },
+    };
+    // While draining, ask HTTP/1 clients to reconnect (to the new generation)
+    // after this response, instead of closing a connection they may be
+    // sending on.
+    if app.is_stopping() && req.version() <= Version::HTTP_11 {
+        response
+            .headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    Ok(response)
+}
+
+/// A response with this status and text.
+pub fn status(code: StatusCode, text: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
+    *response.status_mut() = code;
+    response
+}
