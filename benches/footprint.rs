@@ -22,11 +22,7 @@ const UPGRADES: u64 = 20;
 const WAIT: Duration = Duration::from_secs(20);
 
 fn main() {
-    common::cleanup_on_signals();
-    if let Err(e) = run() {
-        eprintln!("footprint: {e}");
-        std::process::exit(1);
-    }
+    common::main("footprint", run);
 }
 
 fn run() -> Result<(), String> {

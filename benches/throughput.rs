@@ -47,11 +47,7 @@ struct Sample {
 }
 
 fn main() {
-    common::cleanup_on_signals();
-    if let Err(e) = run() {
-        eprintln!("throughput: {e}");
-        std::process::exit(1);
-    }
+    common::main("throughput", run);
 }
 
 fn run() -> Result<(), String> {

@@ -58,11 +58,7 @@ struct RunResult {
 }
 
 fn main() {
-    common::cleanup_on_signals();
-    if let Err(e) = run() {
-        eprintln!("upgrade_failures: {e}");
-        std::process::exit(1);
-    }
+    common::main("upgrade_failures", run);
 }
 
 fn run() -> Result<(), String> {

@@ -43,11 +43,7 @@ struct Row {
 }
 
 fn main() {
-    common::cleanup_on_signals();
-    if let Err(e) = run() {
-        eprintln!("upgrade_latency: {e}");
-        std::process::exit(1);
-    }
+    common::main("upgrade_latency", run);
 }
 
 fn run() -> Result<(), String> {

@@ -407,3 +407,13 @@ pub fn free_port() -> Result<u16, String> {
         .map(|a| a.port())
         .map_err(|e| e.to_string())
 }
+
+/// The `main` of every bench: [`cleanup_on_signals`], then `run`; its error is printed as
+/// `<name>: <error>` and ends the process with exit code 1.
+pub fn main(name: &str, run: fn() -> Result<(), String>) {
+    cleanup_on_signals();
+    if let Err(e) = run() {
+        eprintln!("{name}: {e}");
+        std::process::exit(1);
+    }
+}
