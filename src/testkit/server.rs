@@ -471,6 +471,9 @@ impl Server {
                             }
                             let line = String::from_utf8_lossy(&buf).into_owned();
                             if echo {
+                                // Mirroring the server's output is what the
+                                // caller asked for with `echo`: it goes where
+                                // a test's own output goes, not to tracing.
                                 eprintln!("[{name} {stream}] {line}");
                             }
                             on_line(&mut shared.lock(), line);
@@ -964,7 +967,7 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         if let Err(e) = self.kill_and_reap() {
-            eprintln!("handover::testkit: {e}");
+            tracing::warn!(error = %e, "test kit: cannot kill and reap the server's processes");
         }
     }
 }
