@@ -35,8 +35,11 @@ pub(crate) struct Inner {
     pub(crate) generation: u64,
     pub(crate) supervisor: Option<i32>,
     pub(crate) notify_socket: Option<String>,
-    /// Set when a previous generation started us.
+    /// Set when a previous generation started us, until `ready` uses it.
     ready_fd: Mutex<Option<OwnedFd>>,
+    /// A previous generation of this app started us (rather than systemd,
+    /// the supervisor, or nobody): the sockets we inherited are ours.
+    from_previous_generation: bool,
     pub(crate) registry: Mutex<Registry>,
     /// The executable for upgrades, or why there is none.
     pub(crate) executable: std::result::Result<PathBuf, String>,
@@ -47,6 +50,7 @@ pub(crate) struct Inner {
     pub(crate) state: Mutex<State>,
     pub(crate) drain: Drain,
     ready_done: AtomicBool,
+    signals_installed: AtomicBool,
     /// Set once a new generation is ready on our sockets, even if a final
     /// stop raced with it: its Unix socket paths must then stay.
     pub(crate) replaced: AtomicBool,
@@ -255,6 +259,7 @@ impl Handover {
                 generation: parsed.generation,
                 supervisor: parsed.supervisor,
                 notify_socket: parsed.notify_socket,
+                from_previous_generation: ready_fd.is_some(),
                 ready_fd: Mutex::new(ready_fd),
                 registry: Mutex::new(Registry::new(inherited)),
                 executable,
@@ -264,6 +269,7 @@ impl Handover {
                 state: Mutex::new(State::Serving),
                 drain: Drain::new(),
                 ready_done: AtomicBool::new(false),
+                signals_installed: AtomicBool::new(false),
                 replaced: AtomicBool::new(false),
                 started: Instant::now(),
             }),
@@ -354,52 +360,64 @@ impl Handover {
     /// taken and the app is initialised. It
     /// - installs the upgrade and stop signal handlers;
     /// - closes inherited fds that this version did not ask for;
-    /// - tells the previous generation (which then stops accepting and drains);
     /// - sends `READY=1` to `NOTIFY_SOCKET` when there is one, with
     ///   `MAINPID=<this pid>` when a previous generation started us, so that
-    ///   systemd follows the new main process.
+    ///   systemd follows the new main process before the old one exits;
+    /// - then tells the previous generation (which stops accepting and drains).
     ///
-    /// Calling it again does nothing.
+    /// Once it has succeeded, calling it again does nothing; after an error it
+    /// may be called again.
+    ///
+    /// # Panics
+    /// Like every Tokio I/O type, when the runtime was built without its I/O
+    /// or time driver (use `enable_all()`); the same holds for
+    /// [`tcp`](Handover::tcp), [`unix`](Handover::unix), [`udp`](Handover::udp)
+    /// and [`upgrade`](Handover::upgrade).
     ///
     /// # Errors
     /// [`Error::NoRuntime`] outside a Tokio runtime; [`Error::Io`] when the
     /// previous generation or `NOTIFY_SOCKET` cannot be told.
     pub fn ready(&self) -> Result<()> {
         Self::runtime("Handover::ready")?;
-        if self.inner.ready_done.swap(true, Ordering::SeqCst) {
+        if self.inner.ready_done.load(Ordering::SeqCst) {
             return Ok(());
         }
-        crate::upgrade::install_signal_handlers(self)?;
-        lock(&self.inner.registry).close_unclaimed();
-        let pid = std::process::id();
-        let from_parent = lock(&self.inner.ready_fd).take();
-        let had_parent = from_parent.is_some();
-        if let Some(fd) = from_parent {
-            let mut pipe = std::fs::File::from(fd);
-            match std::io::Write::write_all(&mut pipe, b"1") {
-                Ok(()) => {}
-                // The previous generation is gone (killed, crashed): there is
-                // nobody to tell, and this generation is now the one serving.
-                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
-                    warn!("the previous generation is gone; serving on without it")
-                }
-                Err(e) => return Err(Error::io("telling the previous generation we are ready", e)),
+        if !self.inner.signals_installed.swap(true, Ordering::SeqCst) {
+            if let Err(e) = crate::upgrade::install_signal_handlers(self) {
+                self.inner.signals_installed.store(false, Ordering::SeqCst);
+                return Err(e);
             }
         }
+        lock(&self.inner.registry).close_unclaimed();
+        let pid = std::process::id();
+        // systemd first: it must follow MAINPID to this process before the
+        // previous generation, told next, can drain and exit. A failure here
+        // is returned, and the previous generation, not told, keeps serving.
         if let Some(socket) = &self.inner.notify_socket {
-            let message = if had_parent {
-                format!(
-                    "READY=1\nMAINPID={pid}\nSTATUS=generation {} serving",
-                    self.inner.generation
-                )
+            let generation = self.inner.generation;
+            let message = if self.inner.from_previous_generation {
+                format!("READY=1\nMAINPID={pid}\nSTATUS=generation {generation} serving")
             } else {
-                format!(
-                    "READY=1\nSTATUS=generation {} serving",
-                    self.inner.generation
-                )
+                format!("READY=1\nSTATUS=generation {generation} serving")
             };
             notify::send(socket, &message).map_err(|e| Error::io("notifying NOTIFY_SOCKET", e))?;
         }
+        // Then the previous generation, which stops accepting on our word.
+        // From here on this generation is the one serving: errors are only
+        // logged, since returning one could make the app exit with nobody
+        // left to serve.
+        if let Some(fd) = lock(&self.inner.ready_fd).take() {
+            let mut pipe = std::fs::File::from(fd);
+            match std::io::Write::write_all(&mut pipe, b"1") {
+                Ok(()) => {}
+                // Killed or crashed meanwhile: there is nobody to tell.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                    warn!("the previous generation is gone; serving on without it")
+                }
+                Err(e) => warn!(error = %e, "cannot tell the previous generation we are ready"),
+            }
+        }
+        self.inner.ready_done.store(true, Ordering::SeqCst);
         info!(
             generation = self.inner.generation,
             pid,
@@ -483,8 +501,14 @@ impl Handover {
                 "drain timeout reached; cutting the remaining work"
             );
         }
-        if reason == Stop::Shutdown && !self.inner.replaced.load(Ordering::SeqCst) {
-            lock(&self.inner.registry).unlink_unix_paths();
+        // A final stop removes the Unix socket paths this app created, unless
+        // a generation took over (an upgrade that raced the stop) or the
+        // supervisor owns the sockets (its upgrades look like SIGTERM here).
+        if reason == Stop::Shutdown
+            && !self.inner.replaced.load(Ordering::SeqCst)
+            && self.inner.supervisor.is_none()
+        {
+            lock(&self.inner.registry).unlink_unix_paths(self.inner.from_previous_generation);
         }
         report
     }

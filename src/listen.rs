@@ -36,6 +36,8 @@ struct Entry {
     /// Our own copy, passed to the next generation; the app holds another.
     fd: OwnedFd,
     unix_path: Option<PathBuf>,
+    /// Bound by this process, rather than inherited.
+    bound_here: bool,
 }
 
 /// The sockets of this process.
@@ -203,6 +205,7 @@ impl Registry {
         kind: Kind,
         fd: BorrowedFd<'_>,
         unix_path: Option<PathBuf>,
+        bound_here: bool,
     ) -> Result<()> {
         let copy = sys::dup_above(fd, 3).map_err(|e| Error::io("duplicating a listener", e))?;
         self.entries.push(Entry {
@@ -210,6 +213,7 @@ impl Registry {
             kind,
             fd: copy,
             unix_path,
+            bound_here,
         });
         Ok(())
     }
@@ -250,7 +254,7 @@ impl Registry {
         } else {
             info!(name, address = %local, "listener bound");
         }
-        self.record(name, want.kind(), socket.as_fd(), unix_path)?;
+        self.record(name, want.kind(), socket.as_fd(), unix_path, !inherited)?;
         Ok(socket)
     }
 
@@ -324,7 +328,7 @@ impl Registry {
             None => create().map_err(|e| Error::io("creating an fd to pass on", e))?,
         };
         sys::set_cloexec(fd.as_fd()).map_err(|e| Error::io("setting close-on-exec", e))?;
-        self.record(name, Kind::Other, fd.as_fd(), None)?;
+        self.record(name, Kind::Other, fd.as_fd(), None, false)?;
         Ok(fd)
     }
 
@@ -352,8 +356,13 @@ impl Registry {
 
     /// Removes the paths of unix listeners: only on a final stop, when no
     /// later generation will serve on them.
-    pub(crate) fn unlink_unix_paths(&self) {
-        for entry in self.entries.iter().filter(|e| e.kind == Kind::Unix) {
+    ///
+    /// Only paths this line of generations created: bound here, or inherited
+    /// when `inherited_are_ours` (from a previous generation of ours, which
+    /// bound them). A path from systemd or the supervisor is theirs to keep.
+    pub(crate) fn unlink_unix_paths(&self, inherited_are_ours: bool) {
+        let ours = |e: &&Entry| e.kind == Kind::Unix && (e.bound_here || inherited_are_ours);
+        for entry in self.entries.iter().filter(ours) {
             if let Some(path) = &entry.unix_path {
                 match std::fs::remove_file(path) {
                     Ok(()) => debug!(path = %path.display(), "unix socket path removed"),
@@ -493,7 +502,11 @@ mod tests {
         assert!(matches!(err, Error::ListenerMismatch { .. }), "{err}");
         let mut reg3 = inherited("api", l);
         reg3.unix("api", &path, OPTS).unwrap();
-        reg3.unlink_unix_paths();
+        // Inherited from systemd or the supervisor: not ours to remove.
+        reg3.unlink_unix_paths(false);
+        assert!(path.exists());
+        // Inherited from a previous generation of ours: removed.
+        reg3.unlink_unix_paths(true);
         assert!(!path.exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -181,6 +181,13 @@ pub fn parse(env: &HashMap<String, String>, own_pid: i32) -> Result<Parsed> {
                 "generations count from 1",
             ));
         }
+        if generation == u64::MAX {
+            return Err(Error::protocol(
+                GENERATION,
+                text,
+                "no generation can follow it",
+            ));
+        }
         parsed.generation = generation;
     }
     if let Some(text) = get(SUPERVISOR) {
@@ -376,6 +383,15 @@ mod tests {
             ("HANDOVER_GENERATION", "0"),
         ]);
         assert_eq!(v, "HANDOVER_GENERATION");
+        let (v, p) = err_of(&[
+            ("LISTEN_PID", "42"),
+            ("LISTEN_FDS", "0"),
+            ("HANDOVER_GENERATION", "18446744073709551615"),
+        ]);
+        assert_eq!(
+            (v.as_str(), p.as_str()),
+            ("HANDOVER_GENERATION", "no generation can follow it")
+        );
     }
 
     #[test]

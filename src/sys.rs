@@ -115,9 +115,14 @@ pub(crate) fn remove_env(vars: &[&str]) -> bool {
     true
 }
 
-/// Sets a signal's disposition to ignore if it is still the default, so that
-/// a signal arriving before the handlers are installed does not kill the
-/// process (SIGHUP's default action is to terminate).
+/// Does nothing: a handler that keeps a signal from killing the process.
+extern "C" fn ignore_signal(_: libc::c_int) {}
+
+/// Installs a handler that does nothing if the signal's disposition is still
+/// the default, so that a signal arriving before the real handlers are
+/// installed does not kill the process (SIGHUP's default action is to
+/// terminate). Unlike `SIG_IGN`, a handler is reset to the default at exec,
+/// so the app's own children do not inherit an ignored signal.
 pub(crate) fn ignore_if_default(signal: Signal) -> io::Result<()> {
     let sig = signal as libc::c_int;
     // SAFETY: a zeroed sigaction is a valid out-parameter.
@@ -127,9 +132,13 @@ pub(crate) fn ignore_if_default(signal: Signal) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     if old.sa_sigaction == libc::SIG_DFL {
-        // SAFETY: SIG_IGN is a valid disposition for any catchable signal; a
+        // SAFETY: a zeroed sigaction (empty mask, no flags) is valid storage.
+        let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+        action.sa_sigaction = ignore_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        action.sa_flags = libc::SA_RESTART;
+        // SAFETY: the handler is async-signal-safe (it does nothing); a
         // handler installed later (by Tokio) replaces it.
-        if unsafe { libc::signal(sig, libc::SIG_IGN) } == libc::SIG_ERR {
+        if unsafe { libc::sigaction(sig, &action, std::ptr::null_mut()) } != 0 {
             return Err(io::Error::last_os_error());
         }
     }
@@ -325,13 +334,15 @@ pub(crate) fn spawn(mut exec: Exec, fds: &[BorrowedFd<'_>]) -> io::Result<Child>
     if pid == 0 {
         // SAFETY: see above: only async-signal-safe calls from here to exec.
         unsafe {
-            libc::sigprocmask(libc::SIG_SETMASK, &empty_mask, std::ptr::null_mut());
+            // Dispositions first: a signal let through by the new mask must
+            // not run one of the parent's handlers in the child.
             for sig in 1..=64 {
                 if sig != libc::SIGKILL && sig != libc::SIGSTOP {
                     libc::signal(sig, libc::SIG_DFL);
                     reset_disposition(sig);
                 }
             }
+            libc::sigprocmask(libc::SIG_SETMASK, &empty_mask, std::ptr::null_mut());
             if !pid_slot.is_null() {
                 write_decimal(pid_slot, libc::getpid() as u32);
             }
@@ -358,7 +369,12 @@ pub(crate) fn spawn(mut exec: Exec, fds: &[BorrowedFd<'_>]) -> io::Result<Child>
             Ok(0) => break,
             Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+            Err(e) => {
+                // Whether it exec'd is unknown: do not leave it behind.
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+                let _ = waitpid(Pid::from_raw(pid), None);
+                return Err(e);
+            }
         }
     }
     let mut child = Child::new(pid);
@@ -440,10 +456,29 @@ impl Child {
         }
     }
 
-    /// Sends a signal, unless the child was already reaped (its pid may then
-    /// belong to someone else).
+    /// Sends a signal, unless the child was already reaped. Through the
+    /// pidfd when there is one, so that a pid reused after someone else
+    /// reaped the child is never hit.
     pub(crate) fn signal(&self, signal: Signal) -> io::Result<()> {
         if self.status.is_some() {
+            return Ok(());
+        }
+        if let Some(fd) = &self.pidfd {
+            let raw = fd.get_ref().as_raw_fd();
+            // SAFETY: pidfd_send_signal takes an fd we own, a signal number,
+            // a null siginfo (the kernel fills one in) and no flags.
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    raw,
+                    signal as libc::c_int,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                )
+            };
+            if rc < 0 {
+                return Err(io::Error::last_os_error());
+            }
             return Ok(());
         }
         nix::sys::signal::kill(Pid::from_raw(self.pid), signal)?;

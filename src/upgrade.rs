@@ -5,6 +5,8 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
+use std::sync::atomic::Ordering;
+
 use tokio::io::AsyncReadExt;
 use tokio::signal::unix::signal;
 use tracing::{error, info, info_span, warn, Instrument};
@@ -30,6 +32,8 @@ pub struct Upgraded {
 /// How the wait for the new generation ended.
 enum Waited {
     Ready,
+    /// Ready, but this generation was told to stop meanwhile.
+    ReadyWhileStopping,
     PipeClosed,
     Exited(nix::sys::wait::WaitStatus),
     TimedOut,
@@ -52,8 +56,24 @@ impl Handover {
     /// [`Error::ChildExited`], [`Error::ReadyTimeout`],
     /// [`Error::UpgradeInProgress`], [`Error::Stopping`] (this generation was
     /// replaced or told to stop, also while the upgrade ran),
-    /// [`Error::Supervised`], [`Error::NoExecutable`].
+    /// [`Error::Supervised`], [`Error::NoExecutable`], [`Error::NoRuntime`].
+    ///
+    /// # Cancellation
+    /// The upgrade runs in a task of its own: dropping the returned future
+    /// does not abandon a half-started generation; the upgrade still runs to
+    /// its outcome, which is logged.
     pub async fn upgrade(&self) -> Result<Upgraded> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime {
+            operation: "Handover::upgrade",
+        })?;
+        let handover = self.clone();
+        runtime
+            .spawn(async move { handover.upgrade_to_outcome().await })
+            .await
+            .map_err(|e| Error::io("running the upgrade", std::io::Error::other(e.to_string())))?
+    }
+
+    async fn upgrade_to_outcome(&self) -> Result<Upgraded> {
         let from = self.inner.generation;
         let span = info_span!(
             "upgrade",
@@ -77,11 +97,6 @@ impl Handover {
                 }
             }
             let result = self.run_upgrade().await;
-            if result.is_ok() {
-                self.inner
-                    .replaced
-                    .store(true, std::sync::atomic::Ordering::SeqCst);
-            }
             {
                 let mut state = self.inner.state();
                 if *state == State::Upgrading {
@@ -155,6 +170,11 @@ impl Handover {
         let waited = self.wait_ready(&mut child, ready_read).await;
         let ready_after = started.elapsed();
         let timeout = inner.options.ready_timeout;
+        if matches!(waited, Waited::Ready | Waited::ReadyWhileStopping) {
+            // A generation serves on our sockets now: they are no longer ours
+            // alone to clean up, even if a final stop races this upgrade.
+            self.inner.replaced.store(true, Ordering::SeqCst);
+        }
         match waited {
             Waited::Ready => Ok(Upgraded {
                 pid,
@@ -188,6 +208,14 @@ impl Handover {
                 kill_and_reap(&mut child).await;
                 Err(Error::Stopping)
             }
+            Waited::ReadyWhileStopping => {
+                // It may already hold connections: stop it the way we stop,
+                // gracefully, rather than kill it.
+                if let Err(e) = child.signal(Signal::SIGTERM) {
+                    warn!(pid, error = %e, "cannot stop the new generation");
+                }
+                Err(Error::Stopping)
+            }
             Waited::Failed(e) => {
                 kill_and_reap(&mut child).await;
                 Err(Error::io("waiting for the new generation", e))
@@ -202,7 +230,10 @@ impl Handover {
         };
         let watch = self.watch();
         let mut byte = [0u8; 1];
-        tokio::select! {
+        let waited = tokio::select! {
+            // Readiness first: when it comes together with the timeout or a
+            // stop, the child is serving and must not be killed.
+            biased;
             read = pipe.read(&mut byte) => match read {
                 Ok(1) => Waited::Ready,
                 Ok(_) => Waited::PipeClosed,
@@ -214,6 +245,13 @@ impl Handover {
             },
             () = tokio::time::sleep(self.inner.options.ready_timeout) => Waited::TimedOut,
             _ = watch.stopping() => Waited::Abandoned,
+        };
+        // The byte may have landed just after the timer or the stop fired.
+        let mut said_ready = || matches!(pipe.try_read(&mut byte), Ok(1));
+        match waited {
+            Waited::TimedOut if said_ready() => Waited::Ready,
+            Waited::Abandoned if said_ready() => Waited::ReadyWhileStopping,
+            other => other,
         }
     }
 }

@@ -77,3 +77,38 @@ fn unix_listener_survives_upgrades_and_is_removed_on_final_stop() {
     assert_eq!(server.wait_exit(gen2, EXIT_TIMEOUT), Ok(Exit::Code(0)));
     assert!(!path.exists(), "a final stop removes the path");
 }
+
+#[test]
+fn supervised_upgrade_keeps_the_unix_socket_path() {
+    // Under `handover run` the supervisor owns the socket: an app generation
+    // stopped by an upgrade (SIGTERM, to the app) must not remove the path.
+    let dir = TempDir::new("unix-supervised");
+    let path = dir.path().join("echo.sock");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_handover"));
+    cmd.arg("run")
+        .arg("--listen")
+        .arg(format!("unix://{}", path.display()))
+        .arg("--control")
+        .arg(dir.path().join("control.sock"))
+        .arg("--")
+        .arg(common::example_path("echo"))
+        .arg(&path);
+    let server = ServerProcess::spawn(cmd);
+    let gen1 = wait_generation(&server, 1);
+    server
+        .signal(Signal::SIGHUP)
+        .expect("SIGHUP to the supervisor");
+    let gen2 = wait_generation(&server, 2);
+    // The supervisor reaps it; waiting until it is gone is what matters.
+    let exit = server.wait_exit(gen1, EXIT_TIMEOUT);
+    assert!(
+        matches!(exit, Ok(Exit::Code(0) | Exit::ReapedElsewhere)),
+        "{exit:?}"
+    );
+    assert!(path.exists(), "the path outlives the replaced generation");
+    let (mut stream, mut reader) = session(&path);
+    assert_eq!(
+        echo(&mut stream, &mut reader, "still"),
+        format!("{gen2}: still\n")
+    );
+}

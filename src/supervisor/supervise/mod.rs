@@ -638,7 +638,7 @@ pub(crate) fn run(cfg: RunConfig) -> Result<i32, Error> {
     let control = match control::bind(&cfg.control) {
         Ok(control) => control,
         Err(e) => {
-            registry.unlink_unix_paths();
+            registry.unlink_unix_paths(false);
             return Err(e);
         }
     };
@@ -651,7 +651,7 @@ pub(crate) fn run(cfg: RunConfig) -> Result<i32, Error> {
     let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(e) => {
-            registry.unlink_unix_paths();
+            registry.unlink_unix_paths(false);
             let _ = std::fs::remove_file(&control_path);
             return Err(Error::io("starting the runtime", e));
         }
@@ -716,7 +716,7 @@ pub(crate) fn run(cfg: RunConfig) -> Result<i32, Error> {
         match sup.spawn_generation(1, Role::Current) {
             Ok(_) => sup.current = Some(1),
             Err(source) => {
-                sup.registry.unlink_unix_paths();
+                sup.registry.unlink_unix_paths(false);
                 return Err(Error::Spawn {
                     command: sup.cmd(),
                     source,
@@ -730,7 +730,7 @@ pub(crate) fn run(cfg: RunConfig) -> Result<i32, Error> {
             sup.check_done();
             if let Some(code) = sup.exit_code {
                 info!(code, "supervisor exiting");
-                sup.registry.unlink_unix_paths();
+                sup.registry.unlink_unix_paths(false);
                 // Let control clients read their last line (an upgrade's
                 // outcome): every waiter is gone with `sup`, so their tasks
                 // end once written.
