@@ -317,7 +317,9 @@ impl Handover {
 
     /// A Unix stream listener named `name` at `path`, inherited or bound. A
     /// stale socket file left by a dead process is replaced. The path is
-    /// removed only on a final stop, never at an upgrade.
+    /// removed only on a final stop, never at an upgrade, and only when this
+    /// app created it (bound here or by a previous generation); a socket
+    /// passed by systemd or by `handover run` is theirs to remove.
     ///
     /// # Errors
     /// As [`Handover::tcp`].
