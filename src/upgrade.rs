@@ -1,7 +1,7 @@
 //! The upgrade: one at a time, start the next generation with our sockets,
 //! wait for ready / exit / timeout, report the outcome.
 
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -140,15 +140,19 @@ impl Handover {
             executable: executable.clone(),
             source,
         };
-        let mut child = {
+        let (exec, mut fds) = {
             let registry = lock(&inner.registry);
             let handoff = registry.handoff();
-            let mut fds: Vec<BorrowedFd<'_>> = handoff.iter().map(|(_, fd)| *fd).collect();
-            let ready_target = protocol::FIRST_FD + fds.len() as i32;
-            fds.push(ready_write.as_fd());
+            // Copies, so that the registry is not locked while the child
+            // starts, and the start can wait on a blocking thread.
+            let mut fds = handoff
+                .iter()
+                .map(|(_, fd)| fd.try_clone_to_owned())
+                .collect::<std::io::Result<Vec<OwnedFd>>>()
+                .map_err(|e| Error::io("duplicating the sockets to pass on", e))?;
             let vars = Handoff {
                 names: handoff.iter().map(|(name, _)| *name).collect(),
-                ready_fd: Some(ready_target),
+                ready_fd: Some(protocol::FIRST_FD + fds.len() as i32),
                 generation: inner.generation + 1,
                 supervisor: None,
                 notify_socket: inner.notify_socket.as_deref(),
@@ -161,11 +165,29 @@ impl Handover {
                 inner.cwd.as_deref().map(|c| c.as_os_str()),
             )
             .map_err(spawn_error)?;
-            sys::spawn(exec, &fds).map_err(spawn_error)?
+            fds.push(ready_write);
+            (exec, fds)
         };
-        drop(ready_write);
+        let sockets = fds.len() - 1;
+        // fork, then a blocking wait until the child has exec'd (or failed
+        // to): off the runtime's workers.
+        let spawned = tokio::task::spawn_blocking(move || {
+            let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
+            let child = sys::spawn(exec, &borrowed);
+            // Our copies, the ready pipe's write end among them, close here.
+            fds.clear();
+            child
+        })
+        .await
+        .map_err(|e| {
+            Error::io(
+                "starting the new generation",
+                std::io::Error::other(e.to_string()),
+            )
+        })?;
+        let mut child = spawned.map_err(spawn_error)?;
         let pid = child.pid();
-        info!(pid, executable = %executable.display(), sockets = lock(&inner.registry).handoff().len(), "new generation started; waiting for ready");
+        info!(pid, executable = %executable.display(), sockets, "new generation started; waiting for ready");
 
         let waited = self.wait_ready(&mut child, ready_read).await;
         let ready_after = started.elapsed();
