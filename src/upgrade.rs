@@ -311,7 +311,7 @@ pub(crate) fn install_signal_handlers(handover: &Handover) -> Result<()> {
                 // signals is refused one by one rather than queued.
                 let h = h.clone();
                 tokio::spawn(async move {
-                    let _ = h.upgrade().await;
+                    let _ = h.upgrade_to_outcome().await;
                 });
             }
         });

@@ -214,6 +214,24 @@ pub struct UpgradeOutcome {
     pub error: Option<String>,
 }
 
+impl UpgradeOutcome {
+    /// An upgrade just triggered: nothing known yet but who got the signal.
+    fn pending(number: u32, signalled: i32, old_pid: Option<i32>) -> UpgradeOutcome {
+        UpgradeOutcome {
+            number,
+            ok: false,
+            signalled,
+            old_pid,
+            new_pid: None,
+            generation: None,
+            ready_after: None,
+            old_exit_after: None,
+            old_exit: None,
+            error: None,
+        }
+    }
+}
+
 /// What [`check_upgrades`] saw. `Display` renders it as a table.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
@@ -533,18 +551,7 @@ fn upgrade_by_ready_line(server: &Server, check: &UpgradeCheck, number: u32) -> 
         Target::Started => server.pid(),
         Target::Latest => old_pid.unwrap_or_else(|| server.pid()),
     };
-    let mut outcome = UpgradeOutcome {
-        number,
-        ok: false,
-        signalled,
-        old_pid,
-        new_pid: None,
-        generation: None,
-        ready_after: None,
-        old_exit_after: None,
-        old_exit: None,
-        error: None,
-    };
+    let mut outcome = UpgradeOutcome::pending(number, signalled, old_pid);
     let trigger = Instant::now();
     if let Err(e) = server.signal(signalled, signal_number(check.signal)) {
         outcome.error = Some(e.to_string());
@@ -596,18 +603,7 @@ fn upgrade_by_processes(server: &Server, check: &UpgradeCheck, number: u32) -> U
         Target::Started => server.pid(),
         Target::Latest => before.last().map_or(server.pid(), |p| p.pid),
     };
-    let mut outcome = UpgradeOutcome {
-        number,
-        ok: false,
-        signalled,
-        old_pid: None,
-        new_pid: None,
-        generation: None,
-        ready_after: None,
-        old_exit_after: None,
-        old_exit: None,
-        error: None,
-    };
+    let mut outcome = UpgradeOutcome::pending(number, signalled, None);
     let same = |a: &ProcStat, b: &ProcStat| a.pid == b.pid && a.start_time == b.start_time;
     let trigger = Instant::now();
     if let Err(e) = server.signal(signalled, signal_number(check.signal)) {
