@@ -97,6 +97,12 @@ impl Inner {
     }
 }
 
+/// Tokio needs non-blocking sockets; the flag is set here, explicitly, since
+/// another process sharing the socket may have changed it.
+fn nonblocking(result: std::io::Result<()>) -> Result<()> {
+    result.map_err(|e| Error::io("setting a listener non-blocking", e))
+}
+
 /// Resolves the executable for upgrades: absolute, symlinks kept.
 fn resolve_executable(
     explicit: Option<&Path>,
@@ -123,19 +129,10 @@ fn resolve_executable(
         return absolute(path);
     }
     let argv0 = argv0.filter(|a| !a.is_empty()).ok_or("argv[0] is empty")?;
-    let path = Path::new(argv0);
-    if path.as_os_str().as_encoded_bytes().contains(&b'/') {
-        return absolute(path);
-    }
     // A bare name was found through PATH by whoever started us.
-    let dirs = path_var.ok_or_else(|| format!("argv[0] {path:?} has no '/' and PATH is unset"))?;
-    for dir in std::env::split_paths(dirs) {
-        let candidate = dir.join(path);
-        if candidate.is_file() {
-            return absolute(&candidate);
-        }
-    }
-    Err(format!("argv[0] {path:?} is not found in PATH"))
+    let found = sys::find_program(argv0, path_var.map(OsString::as_os_str))
+        .map_err(|e| format!("argv[0] {argv0:?}: {e}"))?;
+    absolute(&found)
 }
 
 impl Handover {
@@ -311,6 +308,7 @@ impl Handover {
     pub fn tcp(&self, name: &str, addr: SocketAddr) -> Result<tokio::net::TcpListener> {
         Self::runtime("Handover::tcp")?;
         let std = lock(&self.inner.registry).tcp(name, addr, self.bind_options())?;
+        nonblocking(std.set_nonblocking(true))?;
         tokio::net::TcpListener::from_std(std)
             .map_err(|e| Error::io("registering a TCP listener with Tokio", e))
     }
@@ -326,6 +324,7 @@ impl Handover {
     pub fn unix(&self, name: &str, path: impl AsRef<Path>) -> Result<tokio::net::UnixListener> {
         Self::runtime("Handover::unix")?;
         let std = lock(&self.inner.registry).unix(name, path.as_ref(), self.bind_options())?;
+        nonblocking(std.set_nonblocking(true))?;
         tokio::net::UnixListener::from_std(std)
             .map_err(|e| Error::io("registering a unix listener with Tokio", e))
     }
@@ -339,6 +338,7 @@ impl Handover {
     pub fn udp(&self, name: &str, addr: SocketAddr) -> Result<tokio::net::UdpSocket> {
         Self::runtime("Handover::udp")?;
         let std = lock(&self.inner.registry).udp(name, addr, self.bind_options())?;
+        nonblocking(std.set_nonblocking(true))?;
         tokio::net::UdpSocket::from_std(std)
             .map_err(|e| Error::io("registering a UDP socket with Tokio", e))
     }

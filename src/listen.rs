@@ -24,6 +24,11 @@ pub(crate) enum Kind {
 }
 
 /// Socket options for what we bind ourselves.
+///
+/// The registry leaves the blocking mode of every socket as it finds it (a
+/// fresh socket is blocking, as systemd passes them): whoever hands a socket
+/// to an event loop sets it non-blocking there, explicitly, since the flag
+/// lives on the open file description that every generation shares.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct BindOptions {
     pub backlog: i32,
@@ -236,11 +241,6 @@ impl Registry {
                 (socket, false)
             }
         };
-        // The flag lives on the open file description that other
-        // generations share; set it explicitly rather than trust it.
-        socket
-            .set_nonblocking(true)
-            .map_err(|e| Error::io("setting a listener non-blocking", e))?;
         let unix_path = match &want {
             Want::Unix(p) => Some(p.to_path_buf()),
             _ => None,
@@ -376,23 +376,51 @@ impl Registry {
     }
 }
 
-/// Removes a unix socket file left by a process that is gone (connecting to
-/// it is refused). Anything else at the path is left alone, and bind then
-/// reports EADDRINUSE.
-fn remove_stale_socket(path: &Path) -> io::Result<()> {
-    let Ok(meta) = std::fs::symlink_metadata(path) else {
-        return Ok(());
+/// What is at a Unix socket path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SocketPath {
+    /// Nothing.
+    Free,
+    /// A socket file nobody listens on (its process is gone).
+    Stale,
+    /// A socket someone listens on (or whose queue is full, which also
+    /// means someone listens).
+    Live,
+    /// Something that is not a socket.
+    NotSocket,
+}
+
+/// Looks at `path` without blocking: a non-blocking `connect` tells a live
+/// listener (accepted, or `EAGAIN` with a full queue) from a stale file
+/// (`ECONNREFUSED`). Used for the app's Unix listeners and the supervisor's
+/// control socket alike.
+pub(crate) fn probe_socket_path(path: &Path) -> io::Result<SocketPath> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(SocketPath::Free),
+        Err(e) => return Err(e),
     };
     if !meta.file_type().is_socket() {
-        return Ok(());
+        return Ok(SocketPath::NotSocket);
     }
-    match std::os::unix::net::UnixStream::connect(path) {
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-            info!(path = %path.display(), "removing stale unix socket");
-            std::fs::remove_file(path)
-        }
-        _ => Ok(()),
+    let probe = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+    probe.set_nonblocking(true)?;
+    match probe.connect(&SockAddr::unix(path)?) {
+        Ok(()) => Ok(SocketPath::Live),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Ok(SocketPath::Stale),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(SocketPath::Live),
+        Err(e) => Err(e),
     }
+}
+
+/// Removes a unix socket file left by a process that is gone. Anything else
+/// at the path is left alone, and bind then reports EADDRINUSE.
+fn remove_stale_socket(path: &Path) -> io::Result<()> {
+    if probe_socket_path(path)? == SocketPath::Stale {
+        info!(path = %path.display(), "removing stale unix socket");
+        std::fs::remove_file(path)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

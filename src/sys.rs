@@ -145,6 +145,48 @@ pub(crate) fn ignore_if_default(signal: Signal) -> io::Result<()> {
     Ok(())
 }
 
+/// Finds a program the way `execvp` does, for the library's upgrades and
+/// the supervisor's commands alike: a name with a `/` is used as it is; a
+/// bare name is looked up in `path_var` (`PATH`; `/usr/local/bin:/usr/bin:/bin`
+/// when unset), where an empty entry means the working directory, and the
+/// first executable regular file wins.
+pub(crate) fn find_program(
+    program: &OsStr,
+    path_var: Option<&OsStr>,
+) -> io::Result<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    if program.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the program name is empty",
+        ));
+    }
+    if program.as_bytes().contains(&b'/') {
+        return Ok(std::path::PathBuf::from(program));
+    }
+    let dirs = path_var.unwrap_or(OsStr::new("/usr/local/bin:/usr/bin:/bin"));
+    for dir in std::env::split_paths(dirs) {
+        let dir = if dir.as_os_str().is_empty() {
+            std::path::PathBuf::from(".")
+        } else {
+            dir
+        };
+        let candidate = dir.join(program);
+        let executable = std::fs::metadata(&candidate)
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+        if executable {
+            return Ok(candidate);
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!(
+            "{} is not found in PATH",
+            std::path::Path::new(program).display()
+        ),
+    ))
+}
+
 /// Width reserved for the digits of `LISTEN_PID`, filled in after `fork`.
 const PID_DIGITS: usize = 20;
 
@@ -157,6 +199,8 @@ pub(crate) struct Exec {
     env: Vec<Vec<u8>>,
     listen_pid_entry: Option<usize>,
     cwd: Option<CString>,
+    /// Start the child in a process group of its own (`setpgid(0, 0)`).
+    process_group: bool,
 }
 
 fn cstring(bytes: &[u8], what: &str) -> io::Result<CString> {
@@ -214,11 +258,22 @@ impl Exec {
             env: entries,
             listen_pid_entry,
             cwd,
+            process_group: false,
         })
     }
 }
 
 impl Exec {
+    /// Starts the child in a process group of its own, so that the whole
+    /// group (the child and whatever it starts and does not move elsewhere)
+    /// can be signalled at once with [`Child::signal_group`] or
+    /// [`signal_group`].
+    #[allow(dead_code)] // used by the upgrade in the next step
+    pub(crate) fn in_new_process_group(mut self) -> Self {
+        self.process_group = true;
+        self
+    }
+
     /// Prepares the exec of a new generation: `base_env` plus the protocol
     /// variables of `handoff`, and `LISTEN_PID` set to the child's own pid.
     pub(crate) fn generation<'a>(
@@ -277,10 +332,16 @@ fn child_fail(err_fd: RawFd) -> ! {
     }
 }
 
-/// Forks and execs `exec`, with `fds[i]` at fd `3 + i` in the child (close-on-exec
-/// cleared there) and everything else close-on-exec as it is. Returns once
-/// the child has exec'd, or the reason it could not.
-pub(crate) fn spawn(mut exec: Exec, fds: &[BorrowedFd<'_>]) -> io::Result<Child> {
+/// Forks and execs `exec`, with `fds[i]` at fd `3 + i` in the child
+/// (close-on-exec cleared there) and every other fd close-on-exec in the
+/// child, whatever this process inherited. Returns the child's pid once it
+/// has exec'd, or the reason it could not; the caller must reap it.
+///
+/// Every signal is blocked in the calling thread across the `fork`, so that
+/// no handler of this process runs in the child before its dispositions are
+/// reset; the child then unblocks everything (a fresh program starts with an
+/// empty mask), and the caller's mask is restored.
+pub(crate) fn spawn(mut exec: Exec, fds: &[BorrowedFd<'_>]) -> io::Result<i32> {
     let first = crate::protocol::FIRST_FD;
     let above = first + fds.len() as RawFd;
     // Every source is moved above the target range first, so no dup2 in the
@@ -297,6 +358,9 @@ pub(crate) fn spawn(mut exec: Exec, fds: &[BorrowedFd<'_>]) -> io::Result<Child>
     // end is closed.
     drop(err_write_low);
     let err_raw = err_write.as_raw_fd();
+    // For the fallback of `close_range` in the child: the highest fd number
+    // this process can have.
+    let fd_limit = max_fd_number();
 
     let argv_ptrs: Vec<*const libc::c_char> = exec
         .argv
@@ -318,31 +382,30 @@ pub(crate) fn spawn(mut exec: Exec, fds: &[BorrowedFd<'_>]) -> io::Result<Child>
     };
     let cwd_ptr = exec.cwd.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
     let path_ptr = exec.path.as_ptr();
-    // SAFETY: a zeroed sigset_t is valid storage, sigemptyset initialises it.
-    let mut empty_mask: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `empty_mask` is valid storage for a signal set.
-    unsafe { libc::sigemptyset(&mut empty_mask) };
+    let new_group = exec.process_group;
+    let masks = SignalMasks::new();
+    let old_mask = masks.block_all()?;
 
     // SAFETY: the child branch below runs only async-signal-safe calls on
     // memory prepared before the fork (pointers into `exec`, `high_raw`,
-    // `empty_mask`), which stays alive until the parent returns, and ends in
+    // `masks`), which stays alive until the parent returns, and ends in
     // execve or _exit; it never returns into Rust code.
     let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(io::Error::last_os_error());
-    }
     if pid == 0 {
         // SAFETY: see above: only async-signal-safe calls from here to exec.
         unsafe {
-            // Dispositions first: a signal let through by the new mask must
-            // not run one of the parent's handlers in the child.
+            // Every signal is blocked (by the parent, across the fork): reset
+            // the dispositions first, then unblock, so that no handler of the
+            // parent ever runs here.
             for sig in 1..=64 {
                 if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                    libc::signal(sig, libc::SIG_DFL);
                     reset_disposition(sig);
                 }
             }
-            libc::sigprocmask(libc::SIG_SETMASK, &empty_mask, std::ptr::null_mut());
+            libc::sigprocmask(libc::SIG_SETMASK, &masks.empty, std::ptr::null_mut());
+            if new_group && libc::setpgid(0, 0) != 0 {
+                child_fail(err_raw);
+            }
             if !pid_slot.is_null() {
                 write_decimal(pid_slot, libc::getpid() as u32);
             }
@@ -354,9 +417,18 @@ pub(crate) fn spawn(mut exec: Exec, fds: &[BorrowedFd<'_>]) -> io::Result<Child>
                     child_fail(err_raw);
                 }
             }
+            // Nothing above the passed fds survives the exec, whatever this
+            // process inherited without close-on-exec (the error pipe is
+            // close-on-exec already and stays open until the exec).
+            cloexec_above(above, fd_limit);
             libc::execve(path_ptr, argv_ptrs.as_ptr(), env_ptrs.as_ptr().cast());
             child_fail(err_raw);
         }
+    }
+    let fork_error = (pid < 0).then(io::Error::last_os_error);
+    masks.restore(&old_mask);
+    if let Some(e) = fork_error {
+        return Err(e);
     }
 
     drop(err_write);
@@ -377,14 +449,94 @@ pub(crate) fn spawn(mut exec: Exec, fds: &[BorrowedFd<'_>]) -> io::Result<Child>
             }
         }
     }
-    let mut child = Child::new(pid);
     if got == buf.len() {
         // exec failed: the child has exited with 127; reap it.
         let _ = waitpid(Pid::from_raw(pid), None);
-        child.status = Some(WaitStatus::Exited(Pid::from_raw(pid), 127));
         return Err(io::Error::from_raw_os_error(i32::from_ne_bytes(buf)));
     }
-    Ok(child)
+    Ok(pid)
+}
+
+/// Signal sets prepared before a fork: the child may not build them.
+struct SignalMasks {
+    all: libc::sigset_t,
+    empty: libc::sigset_t,
+}
+
+impl SignalMasks {
+    fn new() -> Self {
+        // SAFETY: zeroed sigset_t values are valid storage; sigfillset and
+        // sigemptyset initialise them.
+        unsafe {
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            libc::sigemptyset(&mut empty);
+            SignalMasks { all, empty }
+        }
+    }
+
+    /// Blocks every signal in the calling thread; returns the mask before.
+    fn block_all(&self) -> io::Result<libc::sigset_t> {
+        // SAFETY: a zeroed sigset_t is valid storage for the old mask.
+        let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: both pointers are to live, initialised signal sets.
+        let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &self.all, &mut old) };
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        Ok(old)
+    }
+
+    /// Puts back the mask `block_all` returned.
+    fn restore(&self, old: &libc::sigset_t) {
+        // SAFETY: `old` is the mask pthread_sigmask filled in; cannot fail
+        // with a valid `how`.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, old, std::ptr::null_mut()) };
+    }
+}
+
+/// The highest fd number this process may have (`RLIMIT_NOFILE`, capped).
+fn max_fd_number() -> RawFd {
+    // SAFETY: a zeroed rlimit is valid storage for getrlimit's answer.
+    let mut limit: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: getrlimit writes one rlimit into the live struct.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    if rc != 0 || limit.rlim_cur == libc::RLIM_INFINITY {
+        return 1 << 20;
+    }
+    RawFd::try_from(limit.rlim_cur)
+        .unwrap_or(RawFd::MAX)
+        .min(1 << 20)
+}
+
+/// Marks every fd from `first` up close-on-exec: `close_range` with
+/// `CLOSE_RANGE_CLOEXEC` (Linux 5.11), else one `fcntl` per number up to
+/// `limit`. Async-signal-safe: used between `fork` and `exec`.
+fn cloexec_above(first: RawFd, limit: RawFd) {
+    // SAFETY: close_range only changes the flags of this process's fds in
+    // the range; it touches no memory.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_uint,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if rc == 0 {
+        return;
+    }
+    for fd in first..limit {
+        // SAFETY: F_GETFD/F_SETFD read and set the flags of a number; on a
+        // number that is not open they fail with EBADF and change nothing.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
+                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+            }
+        }
+    }
 }
 
 /// A child process we started and must reap.
@@ -392,6 +544,26 @@ pub(crate) struct Child {
     pid: i32,
     pidfd: Option<AsyncFd<OwnedFd>>,
     status: Option<WaitStatus>,
+    /// It leads a process group of its own (see [`Exec::in_new_process_group`]).
+    group: bool,
+    /// Let go: it serves on, and is no longer ours to kill.
+    detached: bool,
+}
+
+/// Sends `signal` to every process of the process group `pgid` (which must
+/// be a group one of our children leads). `ESRCH` (the group is empty) is
+/// not an error.
+pub(crate) fn signal_group(pgid: i32, signal: Signal) -> io::Result<()> {
+    if pgid <= 1 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "refusing to signal process group 0 or 1",
+        ));
+    }
+    match nix::sys::signal::killpg(Pid::from_raw(pgid), signal) {
+        Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
@@ -405,8 +577,37 @@ fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
+impl Drop for Child {
+    /// A child that was never reaped is killed (with its process group when
+    /// it leads one) and reaped here, so that no generation outlives the
+    /// handle that was to wait for it.
+    fn drop(&mut self) {
+        if self.status.is_some() || self.detached {
+            return;
+        }
+        if matches!(self.try_wait(), Ok(Some(_))) {
+            if self.group {
+                let _ = signal_group(self.pid, Signal::SIGKILL);
+            }
+            return;
+        }
+        if self.group {
+            let _ = signal_group(self.pid, Signal::SIGKILL);
+        }
+        let _ = self.signal(Signal::SIGKILL);
+        while let Err(nix::errno::Errno::EINTR) = waitpid(Pid::from_raw(self.pid), None) {}
+        tracing::warn!(
+            pid = self.pid,
+            "a child handle was dropped before its process ended: killed and reaped"
+        );
+    }
+}
+
 impl Child {
-    fn new(pid: i32) -> Self {
+    /// Takes charge of `pid`, a child just started by [`spawn`]: it is
+    /// reaped by [`wait`](Child::wait), or killed and reaped on drop.
+    /// `group` says whether it leads a process group of its own.
+    pub(crate) fn new(pid: i32, group: bool) -> Self {
         // Without pidfds (Linux < 5.3) `wait` falls back to polling.
         let pidfd = pidfd_open(pid).ok().and_then(|fd| {
             // SAFETY: the AsyncFd owns the OwnedFd, which stays open and is
@@ -417,6 +618,26 @@ impl Child {
             pid,
             pidfd,
             status: None,
+            group,
+            detached: false,
+        }
+    }
+
+    /// Lets the child go: it is serving in our place, and outlives us. It
+    /// is no longer killed on drop (the process that outlives it reaps it,
+    /// or its parent's exit reparents it).
+    pub(crate) fn detach(mut self) {
+        self.detached = true;
+    }
+
+    /// Sends `signal` to the child's whole process group when it leads one,
+    /// else to the child alone.
+    #[allow(dead_code)] // used by the upgrade in the next step
+    pub(crate) fn signal_group(&self, signal: Signal) -> io::Result<()> {
+        if self.group {
+            signal_group(self.pid, signal)
+        } else {
+            self.signal(signal)
         }
     }
 
@@ -622,4 +843,32 @@ pub(crate) fn cloexec_from(first: RawFd) -> io::Result<usize> {
         }
     }
     Ok(marked)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn programs_are_found_like_execvp() {
+        assert_eq!(
+            find_program(OsStr::new("./x/y"), None).unwrap(),
+            std::path::PathBuf::from("./x/y")
+        );
+        assert_eq!(
+            find_program(OsStr::new("sh"), Some(OsStr::new("/nonexistent:/bin"))).unwrap(),
+            std::path::PathBuf::from("/bin/sh")
+        );
+        let e =
+            find_program(OsStr::new("no-such-program-xyz"), Some(OsStr::new("/bin"))).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        assert!(find_program(OsStr::new(""), None).is_err());
+        // A regular file that nobody may execute is passed over.
+        let dir = std::env::temp_dir().join(format!("handover-path-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("prog"), "").unwrap();
+        let path = dir.as_os_str();
+        assert!(find_program(OsStr::new("prog"), Some(path)).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

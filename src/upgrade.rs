@@ -185,7 +185,7 @@ impl Handover {
                 std::io::Error::other(e.to_string()),
             )
         })?;
-        let mut child = spawned.map_err(spawn_error)?;
+        let mut child = Child::new(spawned.map_err(spawn_error)?, false);
         let pid = child.pid();
         info!(pid, executable = %executable.display(), sockets, "new generation started; waiting for ready");
 
@@ -198,11 +198,14 @@ impl Handover {
             self.inner.replaced.store(true, Ordering::SeqCst);
         }
         match waited {
-            Waited::Ready => Ok(Upgraded {
-                pid,
-                generation: inner.generation + 1,
-                ready_after,
-            }),
+            Waited::Ready => {
+                child.detach();
+                Ok(Upgraded {
+                    pid,
+                    generation: inner.generation + 1,
+                    ready_after,
+                })
+            }
             Waited::Exited(status) => Err(Error::ChildExited {
                 pid,
                 status: sys::describe(status),
@@ -236,6 +239,7 @@ impl Handover {
                 if let Err(e) = child.signal(Signal::SIGTERM) {
                     warn!(pid, error = %e, "cannot stop the new generation");
                 }
+                child.detach();
                 Err(Error::Stopping)
             }
             Waited::Failed(e) => {

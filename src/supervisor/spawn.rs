@@ -7,8 +7,6 @@
 use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::fd::BorrowedFd;
-use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
 
 use crate::protocol::{self, Handoff};
 use crate::sys::{self, Exec};
@@ -39,31 +37,6 @@ pub(crate) fn describe_command(command: &[OsString]) -> String {
         .join(" ")
 }
 
-/// Finds the executable the way `execvp` does: a name with a `/` is used as
-/// it is; a bare name is looked up in `PATH` (the first regular file found),
-/// afresh at each start, so that a deploy that replaces the file is picked up.
-pub(crate) fn resolve(program: &OsStr, path_var: Option<&OsStr>) -> io::Result<PathBuf> {
-    if program.as_bytes().contains(&b'/') {
-        return Ok(PathBuf::from(program));
-    }
-    let dirs = path_var.unwrap_or(OsStr::new("/usr/local/bin:/usr/bin:/bin"));
-    for dir in std::env::split_paths(dirs) {
-        let dir = if dir.as_os_str().is_empty() {
-            PathBuf::from(".")
-        } else {
-            dir
-        };
-        let candidate = dir.join(program);
-        if candidate.is_file() {
-            return Ok(candidate);
-        }
-    }
-    Err(io::Error::new(
-        io::ErrorKind::NotFound,
-        format!("{} not found in PATH", Path::new(program).display()),
-    ))
-}
-
 impl Spawner {
     fn path_var(&self) -> Option<&OsStr> {
         self.env
@@ -85,7 +58,7 @@ impl Spawner {
             .command
             .first()
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty command"))?;
-        let path = resolve(program, self.path_var())?;
+        let path = sys::find_program(program, self.path_var())?;
         let vars = Handoff {
             names: sockets.iter().map(|(name, _)| *name).collect(),
             ready_fd: None,
@@ -101,10 +74,8 @@ impl Spawner {
             None,
         )?;
         let fds: Vec<BorrowedFd<'_>> = sockets.iter().map(|(_, fd)| *fd).collect();
-        // The supervisor's reaper owns every exit status: the pidfd-based
-        // Child is only used for its pid.
-        let child = sys::spawn(exec, &fds)?;
-        Ok(child.pid())
+        // The supervisor's reaper owns every exit status.
+        sys::spawn(exec, &fds)
     }
 
     /// Starts `sh -c CMD` for `--ready exec:CMD`, with `HANDOVER_PID` and
@@ -131,27 +102,13 @@ impl Spawner {
             false,
             None,
         )?;
-        Ok(sys::spawn(exec, &[])?.pid())
+        sys::spawn(exec, &[])
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn resolves_like_execvp() {
-        assert_eq!(
-            resolve(OsStr::new("./x/y"), None).unwrap(),
-            PathBuf::from("./x/y")
-        );
-        assert_eq!(
-            resolve(OsStr::new("sh"), Some(OsStr::new("/nonexistent:/bin"))).unwrap(),
-            PathBuf::from("/bin/sh")
-        );
-        let e = resolve(OsStr::new("no-such-program-xyz"), Some(OsStr::new("/bin"))).unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::NotFound);
-    }
 
     #[test]
     fn command_lines_are_quoted_when_needed() {

@@ -595,15 +595,6 @@ fn bind_listeners(cfg: &RunConfig) -> Result<(Registry, Vec<(String, String)>), 
         };
         described.push((spec.name.clone(), local));
     }
-    for (_, fd) in registry.handoff() {
-        // The registry made them non-blocking (the flag lives on the shared
-        // open file description): undo that before any child sees them.
-        let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL)
-            .map_err(|e| Error::io("reading a listener's flags", e))?;
-        let flags = nix::fcntl::OFlag::from_bits_truncate(flags) & !nix::fcntl::OFlag::O_NONBLOCK;
-        nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(flags))
-            .map_err(|e| Error::io("making a listener blocking", e))?;
-    }
     Ok((registry, described))
 }
 
