@@ -186,7 +186,10 @@ impl app::App for App {
                         up.ready_after.as_millis()
                     )))),
                     Err(e) => {
-                        let mut r = Response::new(Full::new(Bytes::from(format!("failed: {e}\n"))));
+                        let mut r = Response::new(Full::new(Bytes::from(format!(
+                            "failed: {}\n",
+                            e.report()
+                        ))));
                         *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
                         r
                     }

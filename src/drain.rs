@@ -200,6 +200,7 @@ impl Watch {
 
 /// Counts as in-flight work until dropped. See [`Watch::guard`].
 #[derive(Debug)]
+#[must_use = "a guard counts as in-flight work only while it is alive"]
 pub struct Guard {
     _rx: watch::Receiver<()>,
 }
@@ -207,6 +208,7 @@ pub struct Guard {
 /// A future tracked as in-flight work. See [`Watch::track`].
 #[pin_project]
 #[derive(Debug)]
+#[must_use = "futures do nothing unless polled"]
 pub struct Tracked<F> {
     #[pin]
     inner: F,
@@ -224,6 +226,7 @@ impl<F: Future> Future for Tracked<F> {
 /// A stream tracked as in-flight work until it ends. See [`Watch::track_stream`].
 #[pin_project]
 #[derive(Debug)]
+#[must_use = "streams do nothing unless polled"]
 pub struct TrackedStream<S> {
     #[pin]
     inner: S,
@@ -250,6 +253,7 @@ impl<S: Stream> Stream for TrackedStream<S> {
 /// A connection tracked as in-flight work that is told to close gracefully on
 /// stop. See [`Watch::graceful`].
 #[pin_project]
+#[must_use = "futures do nothing unless polled"]
 pub struct Graceful<F, C> {
     #[pin]
     inner: F,

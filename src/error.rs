@@ -83,8 +83,9 @@ pub enum Error {
     ChildExited {
         /// The child's pid.
         pid: i32,
-        /// How it ended, in words (`exited with status 1`, `killed by SIGSEGV`).
-        status: String,
+        /// How it ended: [`code`](std::process::ExitStatus::code), or
+        /// [`signal`](std::os::unix::process::ExitStatusExt::signal).
+        status: std::process::ExitStatus,
     },
     /// The new generation did not say it was ready within the ready timeout;
     /// it was killed and reaped. The old generation keeps serving.
@@ -96,6 +97,39 @@ pub enum Error {
     },
     /// An upgrade is already running; this trigger was refused.
     UpgradeInProgress,
+    /// Too many earlier generations are still draining
+    /// ([`Options::max_draining`](crate::Options::max_draining)); the upgrade
+    /// was refused. Try again once one has exited.
+    TooManyDraining {
+        /// Earlier generations alive now.
+        draining: usize,
+        /// The cap.
+        max: usize,
+    },
+    /// A listener name is not valid (systemd's rules: 1 to 255 printable
+    /// ASCII characters, no `:`).
+    InvalidName {
+        /// The name, as given.
+        name: String,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
+    /// The PID file could not be written.
+    PidFile {
+        /// Its path.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// A task of the crate's own (an upgrade) ended without an outcome: it
+    /// panicked, or the runtime shut down under it. The state it held was
+    /// restored; a later upgrade may be tried.
+    TaskFailed {
+        /// What the task was doing.
+        operation: &'static str,
+        /// Whether it panicked (rather than was cancelled).
+        panicked: bool,
+    },
     /// This generation is stopping (it was replaced or told to stop), so it
     /// starts no upgrade.
     Stopping,
@@ -112,7 +146,26 @@ pub enum Error {
     },
 }
 
+/// An error and its causes (`source()` chain), `: `-separated.
+pub(crate) fn report(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        cause = e.source();
+    }
+    text
+}
+
 impl Error {
+    /// This error with its causes, `: `-separated, for a log line or a
+    /// message to a person (`Display` alone says what failed, and
+    /// [`source`](std::error::Error::source) why).
+    pub fn report(&self) -> String {
+        report(self)
+    }
+
     pub(crate) fn io(operation: &'static str, source: io::Error) -> Self {
         Error::Io { operation, source }
     }
@@ -161,28 +214,33 @@ impl fmt::Display for Error {
                     "listener name {name:?} is already in use in this process"
                 )
             }
-            Error::Bind {
-                name,
-                address,
-                source,
-            } => write!(f, "cannot listen on {address} for {name:?}: {source}"),
-            Error::Io { operation, source } => write!(f, "{operation} failed: {source}"),
+            Error::Bind { name, address, .. } => {
+                write!(f, "cannot listen on {address} for {name:?}")
+            }
+            Error::Io { operation, .. } => write!(f, "{operation} failed"),
             Error::NoRuntime { operation } => write!(
                 f,
                 "{operation} needs a Tokio runtime with I/O, time and signals enabled; \
                  call it from inside the runtime"
             ),
-            Error::Spawn { executable, source } => write!(
+            Error::Spawn { executable, .. } => write!(
                 f,
-                "cannot start the new generation from {}: {source}; the old generation \
-                 keeps serving",
+                "cannot start the new generation from {} (the old generation keeps serving)",
                 executable.display()
             ),
-            Error::ChildExited { pid, status } => write!(
-                f,
-                "the new generation (pid {pid}) {status} before it was ready; the old \
-                 generation keeps serving"
-            ),
+            Error::ChildExited { pid, status } => {
+                use std::os::unix::process::ExitStatusExt;
+                write!(f, "the new generation (pid {pid}) ")?;
+                match (status.code(), status.signal()) {
+                    (Some(code), _) => write!(f, "exited with status {code}")?,
+                    (None, Some(signal)) => match crate::Signal::try_from(signal) {
+                        Ok(signal) => write!(f, "was killed by {}", signal.as_str())?,
+                        Err(_) => write!(f, "was killed by signal {signal}")?,
+                    },
+                    (None, None) => write!(f, "ended ({status})")?,
+                }
+                write!(f, " before it was ready; the old generation keeps serving")
+            }
             Error::ReadyTimeout { pid, timeout } => write!(
                 f,
                 "the new generation (pid {pid}) was not ready within {timeout:?} and was \
@@ -191,6 +249,29 @@ impl fmt::Display for Error {
             Error::UpgradeInProgress => {
                 write!(f, "an upgrade is already in progress; trigger refused")
             }
+            Error::TooManyDraining { draining, max } => write!(
+                f,
+                "{draining} earlier generations are still draining (at most {max}, \
+                 Options::max_draining); upgrade refused, try again once one has exited"
+            ),
+            Error::InvalidName { name, problem } => {
+                write!(f, "invalid listener name {name:?}: {problem}")
+            }
+            Error::PidFile { path, .. } => {
+                write!(f, "cannot write the PID file {}", path.display())
+            }
+            Error::TaskFailed {
+                operation,
+                panicked,
+            } => write!(
+                f,
+                "{operation} ended without an outcome ({}); this generation serves on",
+                if *panicked {
+                    "its task panicked"
+                } else {
+                    "its task was cancelled"
+                }
+            ),
             Error::Stopping => write!(
                 f,
                 "this generation is stopping (replaced or told to stop); no upgrade started"
@@ -216,9 +297,10 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Error::Bind { source, .. } | Error::Io { source, .. } | Error::Spawn { source, .. } => {
-                Some(source)
-            }
+            Error::Bind { source, .. }
+            | Error::Io { source, .. }
+            | Error::Spawn { source, .. }
+            | Error::PidFile { source, .. } => Some(source),
             _ => None,
         }
     }
@@ -226,3 +308,35 @@ impl std::error::Error for Error {
 
 /// Result type of the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+
+    #[test]
+    fn display_does_not_repeat_the_source() {
+        let cause = io::Error::other("the very cause");
+        let errors = [
+            Error::io("doing a thing", io::Error::other("the very cause")),
+            Error::Bind {
+                name: "http".into(),
+                address: "127.0.0.1:1".into(),
+                source: io::Error::other("the very cause"),
+            },
+            Error::Spawn {
+                executable: "/x".into(),
+                source: io::Error::other("the very cause"),
+            },
+            Error::PidFile {
+                path: "/x".into(),
+                source: io::Error::other("the very cause"),
+            },
+        ];
+        for e in errors {
+            assert!(e.source().is_some(), "{e:?}");
+            assert!(!e.to_string().contains(&cause.to_string()), "{e}");
+            assert!(e.report().ends_with(": the very cause"), "{}", e.report());
+        }
+    }
+}

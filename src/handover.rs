@@ -9,26 +9,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
-use nix::sys::signal::Signal;
-use tokio::signal::unix::SignalKind;
 use tracing::{debug, info, warn};
 
-use crate::drain::{Drain, DrainReport, Stop, Watch};
+use crate::drain::{DrainReport, Stop, Watch};
 use crate::error::{Error, Result};
+use crate::lifecycle::Lifecycle;
 use crate::listen::{BindOptions, Registry};
 use crate::options::Options;
-use crate::{notify, protocol, sys};
-
-/// Where the upgrade state machine is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum State {
-    /// Serving; an upgrade may start.
-    Serving,
-    /// An upgrade is running.
-    Upgrading,
-    /// Replaced or told to stop: draining.
-    Stopping,
-}
+use crate::protocol::Process;
+use crate::signals::{self, Installed};
+use crate::{environment, notify, protocol, sys};
 
 pub(crate) struct Inner {
     pub(crate) options: Options,
@@ -47,13 +37,15 @@ pub(crate) struct Inner {
     /// The environment at start-up, protocol variables removed.
     pub(crate) env: Vec<(OsString, OsString)>,
     pub(crate) cwd: Option<PathBuf>,
-    pub(crate) state: Mutex<State>,
-    pub(crate) drain: Drain,
+    /// The one owner of this generation's state, and of its drain.
+    pub(crate) lifecycle: Arc<Lifecycle>,
+    /// Earlier generations that may still be draining.
+    pub(crate) previous: Vec<Process>,
+    /// The process group to join once this generation is current (it was
+    /// started in a group of its own).
+    process_group: Option<i32>,
     ready_done: AtomicBool,
-    signals_installed: AtomicBool,
-    /// Set once a new generation is ready on our sockets, even if a final
-    /// stop raced with it: its Unix socket paths must then stay.
-    pub(crate) replaced: AtomicBool,
+    signals: Installed,
     started: Instant,
 }
 
@@ -80,7 +72,7 @@ impl std::fmt::Debug for Handover {
         f.debug_struct("Handover")
             .field("generation", &self.inner.generation)
             .field("pid", &std::process::id())
-            .field("state", &*self.inner.state())
+            .field("phase", &self.inner.lifecycle.phase())
             .finish()
     }
 }
@@ -91,10 +83,31 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-impl Inner {
-    pub(crate) fn state(&self) -> MutexGuard<'_, State> {
-        lock(&self.state)
+/// Writes `pid` to `path` atomically: a temporary file in the same
+/// directory, synced, then renamed over the old one.
+fn write_pid_file(path: &Path, pid: u32) -> Result<()> {
+    let failed = |source| Error::PidFile {
+        path: path.to_path_buf(),
+        source,
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| failed(std::io::Error::other("the path names no file")))?;
+    let mut tmp_name = OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".{pid}.tmp"));
+    let tmp = path.with_file_name(tmp_name);
+    let written = (|| {
+        let mut file = std::fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut file, format!("{pid}\n").as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(failed(e));
     }
+    Ok(())
 }
 
 /// Tokio needs non-blocking sockets; the flag is set here, explicitly, since
@@ -137,8 +150,8 @@ fn resolve_executable(
 
 impl Handover {
     /// Reads the protocol from the environment, adopts the sockets passed to
-    /// this process, and prepares upgrades. Call it first thing in `main`,
-    /// best before starting the Tokio runtime (see *Environment* below).
+    /// this process, and prepares upgrades. Call it first thing in `main`
+    /// (inside `#[tokio::main]` is fine; see *Environment* below).
     ///
     /// # Errors
     /// [`Error::Protocol`] when a protocol variable is malformed,
@@ -146,38 +159,25 @@ impl Handover {
     /// not a pipe, [`Error::AlreadyCreated`] on a second call.
     ///
     /// # Environment
-    /// The protocol variables are removed from the process environment so
-    /// that the app's own children do not inherit them, but only while the
-    /// process is single-threaded (changing the environment races with other
-    /// threads reading it). Created inside a running multi-threaded runtime,
-    /// the variables stay (a warning says so); they are harmless there,
-    /// because `LISTEN_PID` names this process and every passed fd is
-    /// close-on-exec, but a clean environment needs `Handover::new` before
-    /// the runtime starts.
+    /// The protocol variables were read and removed from the process
+    /// environment before `main` (by a start-up function of this crate, while
+    /// the process had a single thread), so that the app's own children do
+    /// not inherit them. `Handover::new` reads that snapshot: it may be called
+    /// anywhere, `#[tokio::main]` included, from any thread.
     pub fn new(options: Options) -> Result<Handover> {
         let own_pid = std::process::id() as i32;
         let mut protocol_vars = HashMap::new();
-        let mut env = Vec::new();
-        for (key, value) in std::env::vars_os() {
-            match key.to_str() {
-                Some(k) if protocol::VARIABLES.contains(&k) => {
-                    let Some(v) = value.to_str() else {
-                        let variable = protocol::VARIABLES
-                            .iter()
-                            .find(|v| **v == k)
-                            .copied()
-                            .unwrap_or("?");
-                        return Err(Error::protocol(
-                            variable,
-                            &value.to_string_lossy(),
-                            "not valid UTF-8",
-                        ));
-                    };
-                    protocol_vars.insert(k.to_owned(), v.to_owned());
-                }
-                _ => env.push((key, value)),
-            }
+        for (name, value) in environment::protocol_variables() {
+            let Some(v) = value.to_str() else {
+                return Err(Error::protocol(
+                    name,
+                    &value.to_string_lossy(),
+                    "not valid UTF-8",
+                ));
+            };
+            protocol_vars.insert((*name).to_owned(), v.to_owned());
         }
+        let env = environment::inheritable();
         let parsed = protocol::parse(&protocol_vars, own_pid)?;
         if !sys::take_inherited_once() {
             return Err(Error::AlreadyCreated);
@@ -210,19 +210,9 @@ impl Handover {
             }
             None => None,
         };
-        if !protocol_vars.is_empty() && !sys::remove_env(&protocol::VARIABLES) {
-            warn!(
-                "Handover::new ran with other threads alive: the protocol variables stay in \
-                 the environment of this process (harmless: LISTEN_PID names this process and \
-                 every passed fd is close-on-exec); create the Handover before the runtime \
-                 to remove them"
-            );
-        }
-        if let Some(kind) = options.upgrade_signal {
-            if let Ok(signal) = Signal::try_from(kind.as_raw_value()) {
-                sys::ignore_if_default(signal)
-                    .map_err(|e| Error::io("ignoring the upgrade signal until ready", e))?;
-            }
+        if let Some(signal) = options.upgrade_signal {
+            sys::ignore_if_default(signal)
+                .map_err(|e| Error::io("ignoring the upgrade signal until ready", e))?;
         }
         let argv: Vec<OsString> = std::env::args_os().collect();
         let cwd = std::env::current_dir().ok();
@@ -263,11 +253,11 @@ impl Handover {
                 argv,
                 env,
                 cwd,
-                state: Mutex::new(State::Serving),
-                drain: Drain::new(),
+                lifecycle: Lifecycle::new(),
+                previous: parsed.previous,
+                process_group: parsed.process_group,
                 ready_done: AtomicBool::new(false),
-                signals_installed: AtomicBool::new(false),
-                replaced: AtomicBool::new(false),
+                signals: Installed::default(),
                 started: Instant::now(),
             }),
         })
@@ -283,17 +273,20 @@ impl Handover {
         self.inner.supervisor.is_some()
     }
 
-    fn bind_options(&self) -> BindOptions {
+    fn bind_options(&self) -> BindOptions<'_> {
         BindOptions {
             backlog: self.inner.options.backlog,
             reuseport: self.inner.options.reuseport,
+            hook: self.inner.options.socket_hook.as_deref(),
         }
     }
 
-    fn runtime(operation: &'static str) -> Result<()> {
-        tokio::runtime::Handle::try_current()
-            .map(|_| ())
-            .map_err(|_| Error::NoRuntime { operation })
+    /// Checks for a runtime, and installs the stop signal handlers once:
+    /// from the first listener on, a stop signal drains this generation
+    /// (even one that never becomes ready) rather than kills it.
+    fn runtime(&self, operation: &'static str) -> Result<()> {
+        tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime { operation })?;
+        signals::install_stop(self, &self.inner.signals)
     }
 
     /// A TCP listener named `name` on `addr`: the inherited one when a
@@ -306,7 +299,7 @@ impl Handover {
     /// not a listening TCP socket on `addr`; [`Error::Bind`],
     /// [`Error::DuplicateName`], [`Error::NoRuntime`].
     pub fn tcp(&self, name: &str, addr: SocketAddr) -> Result<tokio::net::TcpListener> {
-        Self::runtime("Handover::tcp")?;
+        self.runtime("Handover::tcp")?;
         let std = lock(&self.inner.registry).tcp(name, addr, self.bind_options())?;
         nonblocking(std.set_nonblocking(true))?;
         tokio::net::TcpListener::from_std(std)
@@ -322,7 +315,7 @@ impl Handover {
     /// # Errors
     /// As [`Handover::tcp`].
     pub fn unix(&self, name: &str, path: impl AsRef<Path>) -> Result<tokio::net::UnixListener> {
-        Self::runtime("Handover::unix")?;
+        self.runtime("Handover::unix")?;
         let std = lock(&self.inner.registry).unix(name, path.as_ref(), self.bind_options())?;
         nonblocking(std.set_nonblocking(true))?;
         tokio::net::UnixListener::from_std(std)
@@ -336,7 +329,7 @@ impl Handover {
     /// # Errors
     /// As [`Handover::tcp`].
     pub fn udp(&self, name: &str, addr: SocketAddr) -> Result<tokio::net::UdpSocket> {
-        Self::runtime("Handover::udp")?;
+        self.runtime("Handover::udp")?;
         let std = lock(&self.inner.registry).udp(name, addr, self.bind_options())?;
         nonblocking(std.set_nonblocking(true))?;
         tokio::net::UdpSocket::from_std(std)
@@ -380,18 +373,23 @@ impl Handover {
     /// [`Error::NoRuntime`] outside a Tokio runtime; [`Error::Io`] when the
     /// previous generation or `NOTIFY_SOCKET` cannot be told.
     pub fn ready(&self) -> Result<()> {
-        Self::runtime("Handover::ready")?;
+        self.runtime("Handover::ready")?;
         if self.inner.ready_done.load(Ordering::SeqCst) {
             return Ok(());
         }
-        if !self.inner.signals_installed.swap(true, Ordering::SeqCst) {
-            if let Err(e) = crate::upgrade::install_signal_handlers(self) {
-                self.inner.signals_installed.store(false, Ordering::SeqCst);
-                return Err(e);
-            }
-        }
+        signals::install_upgrade(self, &self.inner.signals)?;
         lock(&self.inner.registry).close_unclaimed();
         let pid = std::process::id();
+        // A generation started by an upgrade ran in a process group of its
+        // own, so that a failure could stop it with all it started; current
+        // now, it joins the group of the generation it replaces (a shell's
+        // job, say). Done before the previous generation is told, while that
+        // group surely still has a member.
+        if let Some(pgid) = self.inner.process_group {
+            if let Err(e) = sys::join_process_group(pgid) {
+                warn!(pgid, error = %e, "cannot join the process group of the previous generation; staying in a group of its own");
+            }
+        }
         // systemd first: it must follow MAINPID to this process before the
         // previous generation, told next, can drain and exit. A failure here
         // is returned, and the previous generation, not told, keeps serving.
@@ -408,6 +406,7 @@ impl Handover {
         // From here on this generation is the one serving: errors are only
         // logged, since returning one could make the app exit with nobody
         // left to serve.
+        self.write_pid_file();
         if let Some(fd) = lock(&self.inner.ready_fd).take() {
             let mut pipe = std::fs::File::from(fd);
             match std::io::Write::write_all(&mut pipe, b"1") {
@@ -429,10 +428,36 @@ impl Handover {
         Ok(())
     }
 
+    /// Writes the PID file, if there is one, naming this process; errors
+    /// are logged (they must not stop a generation that serves).
+    pub(crate) fn write_pid_file(&self) {
+        let Some(path) = &self.inner.options.pid_file else {
+            return;
+        };
+        match write_pid_file(path, std::process::id()) {
+            Ok(()) => debug!(path = %path.display(), "PID file written"),
+            Err(e) => warn!(error = %e.report(), "PID file not written"),
+        }
+    }
+
+    /// Removes the PID file if it names this process.
+    fn remove_pid_file(&self) {
+        let Some(path) = &self.inner.options.pid_file else {
+            return;
+        };
+        let ours = std::fs::read_to_string(path)
+            .is_ok_and(|text| text.trim() == std::process::id().to_string());
+        if ours {
+            if let Err(e) = std::fs::remove_file(path) {
+                warn!(path = %path.display(), error = %e, "cannot remove the PID file");
+            }
+        }
+    }
+
     /// A view of the stop signal that also tracks in-flight work; clone it
     /// into connection tasks.
     pub fn watch(&self) -> Watch {
-        self.inner.drain.watch()
+        self.inner.lifecycle.drain().watch()
     }
 
     /// Resolves when this generation must stop accepting: a new generation
@@ -444,11 +469,12 @@ impl Handover {
 
     /// Starts a final stop, as SIGTERM does: [`stopping`](Handover::stopping)
     /// resolves with [`Stop::Shutdown`] and `STOPPING=1` goes to
-    /// `NOTIFY_SOCKET`. An upgrade that is running is abandoned (its new
-    /// generation killed). Does nothing when already stopping.
+    /// `NOTIFY_SOCKET`. An upgrade that is running is abandoned: its new
+    /// generation is stopped like a failed one, and
+    /// [`drain`](Handover::drain) waits for that. Does nothing when already
+    /// stopping.
     pub fn shutdown(&self) {
-        *self.inner.state() = State::Stopping;
-        if self.inner.drain.stop(Stop::Shutdown) {
+        if self.inner.lifecycle.shutdown() {
             info!(
                 generation = self.inner.generation,
                 pid = std::process::id(),
@@ -464,8 +490,12 @@ impl Handover {
 
     /// Waits for in-flight work (live guards of [`Watch`]) to finish, at most
     /// the drain timeout, and reports. Starts a final stop first if nothing
-    /// has stopped this generation yet. On a final stop, the paths of Unix
-    /// listeners are removed afterwards. Then return from `main`.
+    /// has stopped this generation yet. It also waits for an upgrade that a
+    /// final stop interrupted to reach its outcome (its new generation
+    /// stopped and reaped, at most the failed-drain timeout), so that no
+    /// generation outlives this one unasked. On a final stop, the paths of
+    /// Unix listeners and the PID file are removed afterwards. Then return
+    /// from `main`.
     ///
     /// Drop your listeners before calling it: the sockets stay open in the
     /// new generation (and in this handle until the process exits), so no
@@ -483,11 +513,11 @@ impl Handover {
             timeout_ms = self.inner.options.drain_timeout.as_millis() as u64,
             "drain started"
         );
-        let report = self
-            .inner
-            .drain
-            .wait(self.inner.options.drain_timeout)
-            .await;
+        let lifecycle = &self.inner.lifecycle;
+        let (report, ()) = tokio::join!(
+            lifecycle.drain().wait(self.inner.options.drain_timeout),
+            lifecycle.settled()
+        );
         if report.completed {
             info!(
                 generation,
@@ -506,11 +536,11 @@ impl Handover {
         // A final stop removes the Unix socket paths this app created, unless
         // a generation took over (an upgrade that raced the stop) or the
         // supervisor owns the sockets (its upgrades look like SIGTERM here).
-        if reason == Stop::Shutdown
-            && !self.inner.replaced.load(Ordering::SeqCst)
-            && self.inner.supervisor.is_none()
-        {
-            lock(&self.inner.registry).unlink_unix_paths(self.inner.from_previous_generation);
+        if reason == Stop::Shutdown && !lifecycle.replaced() {
+            if self.inner.supervisor.is_none() {
+                lock(&self.inner.registry).unlink_unix_paths(self.inner.from_previous_generation);
+            }
+            self.remove_pid_file();
         }
         report
     }
@@ -521,14 +551,6 @@ impl Handover {
             return Err(Error::Supervised);
         }
         Ok(())
-    }
-
-    /// Signal kinds to handle: upgrade, then stops.
-    pub(crate) fn signal_kinds(&self) -> (Option<SignalKind>, Vec<SignalKind>) {
-        (
-            self.inner.options.upgrade_signal,
-            self.inner.options.stop_signals.clone(),
-        )
     }
 }
 

@@ -52,12 +52,15 @@
 compile_error!("handover supports Linux only (it relies on pidfds, SCM_CREDENTIALS and /proc)");
 
 mod drain;
+mod environment;
 mod error;
 mod handover;
+mod lifecycle;
 mod listen;
 mod notify;
 mod options;
 pub mod protocol;
+mod signals;
 pub mod supervisor;
 mod sys;
 #[cfg(feature = "testkit")]
@@ -69,3 +72,6 @@ pub use crate::error::{Error, Result};
 pub use crate::handover::Handover;
 pub use crate::options::Options;
 pub use crate::upgrade::Upgraded;
+/// The signal type of the API ([`Options::upgrade_signal`],
+/// [`Options::stop_signals`], the test kit): nix's, re-exported.
+pub use nix::sys::signal::Signal;

@@ -29,10 +29,24 @@ pub(crate) enum Kind {
 /// fresh socket is blocking, as systemd passes them): whoever hands a socket
 /// to an event loop sets it non-blocking there, explicitly, since the flag
 /// lives on the open file description that every generation shares.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct BindOptions {
+#[derive(Clone, Copy, Default)]
+pub(crate) struct BindOptions<'a> {
     pub backlog: i32,
     pub reuseport: bool,
+    /// Called with each socket before `bind` (`Options::configure_socket`).
+    pub hook: Option<&'a SocketHook>,
+}
+
+/// A hook that sets socket options on a socket about to be bound.
+pub(crate) type SocketHook = dyn Fn(&str, &Socket) -> io::Result<()> + Send + Sync;
+
+impl BindOptions<'_> {
+    fn configure(&self, name: &str, socket: &Socket) -> io::Result<()> {
+        match self.hook {
+            Some(hook) => hook(name, socket),
+            None => Ok(()),
+        }
+    }
 }
 
 struct Entry {
@@ -158,13 +172,9 @@ impl Registry {
     }
 
     fn check_new_name(&self, name: &str) -> Result<()> {
-        crate::protocol::check_name(name).map_err(|why| Error::Bind {
+        crate::protocol::check_name(name).map_err(|problem| Error::InvalidName {
             name: name.to_owned(),
-            address: String::new(),
-            source: io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("invalid listener name: {why}"),
-            ),
+            problem,
         })?;
         if self.entries.iter().any(|e| e.name == name) {
             return Err(Error::DuplicateName {
@@ -262,7 +272,7 @@ impl Registry {
         &mut self,
         name: &str,
         addr: SocketAddr,
-        opts: BindOptions,
+        opts: BindOptions<'_>,
     ) -> Result<std::net::TcpListener> {
         let socket = self.take_or_bind(name, Want::Tcp(addr), || {
             let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
@@ -270,6 +280,7 @@ impl Registry {
             if opts.reuseport {
                 socket.set_reuse_port(true)?;
             }
+            opts.configure(name, &socket)?;
             socket.bind(&addr.into())?;
             socket.listen(opts.backlog)?;
             Ok(socket)
@@ -281,13 +292,14 @@ impl Registry {
         &mut self,
         name: &str,
         addr: SocketAddr,
-        opts: BindOptions,
+        opts: BindOptions<'_>,
     ) -> Result<std::net::UdpSocket> {
         let socket = self.take_or_bind(name, Want::Udp(addr), || {
             let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
             if opts.reuseport {
                 socket.set_reuse_port(true)?;
             }
+            opts.configure(name, &socket)?;
             socket.bind(&addr.into())?;
             Ok(socket)
         })?;
@@ -298,11 +310,12 @@ impl Registry {
         &mut self,
         name: &str,
         path: &Path,
-        opts: BindOptions,
+        opts: BindOptions<'_>,
     ) -> Result<std::os::unix::net::UnixListener> {
         let socket = self.take_or_bind(name, Want::Unix(path), || {
             remove_stale_socket(path)?;
             let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+            opts.configure(name, &socket)?;
             socket.bind(&SockAddr::unix(path)?)?;
             socket.listen(opts.backlog)?;
             Ok(socket)
@@ -427,9 +440,10 @@ fn remove_stale_socket(path: &Path) -> io::Result<()> {
 mod tests {
     use super::*;
 
-    const OPTS: BindOptions = BindOptions {
+    const OPTS: BindOptions<'static> = BindOptions {
         backlog: 16,
         reuseport: false,
+        hook: None,
     };
 
     fn inherited(name: &str, fd: impl Into<OwnedFd>) -> Registry {

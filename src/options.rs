@@ -1,9 +1,14 @@
 //! Options of a [`Handover`](crate::Handover), with their defaults.
 
+use std::fmt;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::signal::unix::SignalKind;
+use crate::Signal;
+
+/// What [`Options::configure_socket`] is given.
+type SocketHook = Arc<dyn Fn(&str, &socket2::Socket) -> std::io::Result<()> + Send + Sync>;
 
 /// How a [`Handover`](crate::Handover) behaves. Build with
 /// `Options::default()` and the setters:
@@ -14,16 +19,20 @@ use tokio::signal::unix::SignalKind;
 ///     .ready_timeout(Duration::from_secs(20))
 ///     .drain_timeout(Duration::from_secs(10));
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct Options {
     pub(crate) ready_timeout: Duration,
     pub(crate) drain_timeout: Duration,
+    pub(crate) failed_drain_timeout: Option<Duration>,
+    pub(crate) max_draining: usize,
     pub(crate) backlog: i32,
     pub(crate) reuseport: bool,
-    pub(crate) upgrade_signal: Option<SignalKind>,
-    pub(crate) stop_signals: Vec<SignalKind>,
+    pub(crate) upgrade_signal: Option<Signal>,
+    pub(crate) stop_signals: Vec<Signal>,
     pub(crate) executable: Option<PathBuf>,
+    pub(crate) pid_file: Option<PathBuf>,
+    pub(crate) socket_hook: Option<SocketHook>,
 }
 
 impl Default for Options {
@@ -31,12 +40,37 @@ impl Default for Options {
         Options {
             ready_timeout: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(30),
+            failed_drain_timeout: None,
+            max_draining: 8,
             backlog: 1024,
             reuseport: false,
-            upgrade_signal: Some(SignalKind::hangup()),
-            stop_signals: vec![SignalKind::terminate(), SignalKind::interrupt()],
+            upgrade_signal: Some(Signal::SIGHUP),
+            stop_signals: vec![Signal::SIGTERM, Signal::SIGINT],
             executable: None,
+            pid_file: None,
+            socket_hook: None,
         }
+    }
+}
+
+impl fmt::Debug for Options {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Options")
+            .field("ready_timeout", &self.ready_timeout)
+            .field("drain_timeout", &self.drain_timeout)
+            .field(
+                "failed_drain_timeout",
+                &self.effective_failed_drain_timeout(),
+            )
+            .field("max_draining", &self.max_draining)
+            .field("backlog", &self.backlog)
+            .field("reuseport", &self.reuseport)
+            .field("upgrade_signal", &self.upgrade_signal)
+            .field("stop_signals", &self.stop_signals)
+            .field("executable", &self.executable)
+            .field("pid_file", &self.pid_file)
+            .field("socket_hook", &self.socket_hook.as_ref().map(|_| "set"))
+            .finish()
     }
 }
 
@@ -53,6 +87,59 @@ impl Options {
     /// before it gives up on it. Default 30 s (Kubernetes' grace period).
     pub fn drain_timeout(mut self, timeout: Duration) -> Self {
         self.drain_timeout = timeout;
+        self
+    }
+
+    /// How long a failed new generation that is still alive (it missed the
+    /// ready timeout, or a final stop came first) gets to finish what it
+    /// accepted from the shared queue: it is sent the stop signal, and
+    /// killed with every process it started when this has passed. Default:
+    /// the drain timeout.
+    pub fn failed_drain_timeout(mut self, timeout: Duration) -> Self {
+        self.failed_drain_timeout = Some(timeout);
+        self
+    }
+
+    pub(crate) fn effective_failed_drain_timeout(&self) -> Duration {
+        self.failed_drain_timeout.unwrap_or(self.drain_timeout)
+    }
+
+    /// How many earlier generations may still be draining when an upgrade
+    /// starts. Beyond, the upgrade is refused with
+    /// [`Error::TooManyDraining`](crate::Error::TooManyDraining) (try again
+    /// once one has exited), so that quick upgrades with long requests do not
+    /// pile up processes. Default 8, like `handover run --max-draining`.
+    pub fn max_draining(mut self, generations: usize) -> Self {
+        self.max_draining = generations;
+        self
+    }
+
+    /// A file that always holds the pid of the serving generation, so that
+    /// `kill -HUP $(cat app.pid)` reaches it. The generation that becomes
+    /// current writes it (a temporary file renamed over it, so that a reader
+    /// never sees half a pid); the old generation writes it again when an
+    /// upgrade fails; a final stop removes it. Default: none.
+    pub fn pid_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.pid_file = Some(path.into());
+        self
+    }
+
+    /// A hook called with each socket this process binds (never with an
+    /// inherited one), after the socket is created and before `bind`, with
+    /// the listener's name: set the socket options `handover` does not
+    /// (`TCP_FASTOPEN`, `SO_RCVBUF`, `IPV6_V6ONLY`, a `TCP_DEFER_ACCEPT`...).
+    /// An error fails the listener with [`Error::Bind`](crate::Error::Bind).
+    ///
+    /// ```
+    /// let options = handover::Options::default().configure_socket(|_name, socket| {
+    ///     socket.set_recv_buffer_size(1 << 20)
+    /// });
+    /// ```
+    pub fn configure_socket(
+        mut self,
+        hook: impl Fn(&str, &socket2::Socket) -> std::io::Result<()> + Send + Sync + 'static,
+    ) -> Self {
+        self.socket_hook = Some(Arc::new(hook));
         self
     }
 
@@ -82,14 +169,19 @@ impl Options {
 
     /// The signal that triggers an upgrade, or `None` for upgrades by
     /// [`upgrade`](crate::Handover::upgrade) calls only. Default SIGHUP.
-    pub fn upgrade_signal(mut self, signal: Option<SignalKind>) -> Self {
+    pub fn upgrade_signal(mut self, signal: Option<Signal>) -> Self {
         self.upgrade_signal = signal;
         self
     }
 
-    /// The signals that start a final stop. Default SIGTERM and SIGINT.
-    pub fn stop_signals(mut self, signals: Vec<SignalKind>) -> Self {
-        self.stop_signals = signals;
+    /// The signals that start a final stop. Default SIGTERM and SIGINT. The
+    /// first one is also what a failed new generation is sent. SIGKILL and
+    /// SIGSTOP cannot be handled and are ignored here.
+    pub fn stop_signals(mut self, signals: Vec<Signal>) -> Self {
+        self.stop_signals = signals
+            .into_iter()
+            .filter(|s| !matches!(s, Signal::SIGKILL | Signal::SIGSTOP))
+            .collect();
         self
     }
 

@@ -11,6 +11,8 @@
 //! | `HANDOVER_READY_FD=<fd>` | a pipe on which the new generation writes one byte when ready |
 //! | `HANDOVER_GENERATION=<n>` | generation number, 1 for the first process |
 //! | `HANDOVER_SUPERVISOR=<pid>` | set by `handover run`: the supervisor owns upgrades |
+//! | `HANDOVER_PROCESS_GROUP=<pgid>` | the group a new generation joins once it is current (it starts in a group of its own) |
+//! | `HANDOVER_PREVIOUS=<pid>.<start>:...` | earlier generations that may still be draining (pid and start time) |
 //! | `NOTIFY_SOCKET=<path>` | sd_notify datagram socket (`READY=1`, `MAINPID=`, `STOPPING=1`) |
 //!
 //! Everything but `NOTIFY_SOCKET` is honoured only when `LISTEN_PID` is this
@@ -36,10 +38,14 @@ pub const GENERATION: &str = "HANDOVER_GENERATION";
 pub const SUPERVISOR: &str = "HANDOVER_SUPERVISOR";
 /// `NOTIFY_SOCKET`.
 pub const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
+/// `HANDOVER_PROCESS_GROUP`.
+pub const PROCESS_GROUP: &str = "HANDOVER_PROCESS_GROUP";
+/// `HANDOVER_PREVIOUS`.
+pub const PREVIOUS: &str = "HANDOVER_PREVIOUS";
 
 /// Every variable of the protocol: removed from what the app's own children
 /// inherit, and set afresh for each new generation.
-pub const VARIABLES: [&str; 7] = [
+pub const VARIABLES: [&str; 9] = [
     LISTEN_FDS,
     LISTEN_FDNAMES,
     LISTEN_PID,
@@ -47,6 +53,8 @@ pub const VARIABLES: [&str; 7] = [
     GENERATION,
     SUPERVISOR,
     NOTIFY_SOCKET,
+    PROCESS_GROUP,
+    PREVIOUS,
 ];
 
 /// The first passed fd, by systemd's convention.
@@ -73,6 +81,20 @@ pub struct Parsed {
     pub notify_socket: Option<String>,
     /// `LISTEN_PID` named another process: everything else was ignored.
     pub foreign_listen_pid: Option<i32>,
+    /// The process group to join once current.
+    pub process_group: Option<i32>,
+    /// Earlier generations, `(pid, start time)`, that may still be draining.
+    pub previous: Vec<Process>,
+}
+
+/// A process named by pid and start time (`/proc/<pid>/stat` field 22, in
+/// clock ticks since boot), so that a reused pid is not mistaken for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Process {
+    /// Its pid.
+    pub pid: i32,
+    /// Its start time.
+    pub start_time: u64,
 }
 
 fn number<T: std::str::FromStr>(variable: &'static str, value: &str) -> Result<T> {
@@ -197,12 +219,39 @@ pub fn parse(env: &HashMap<String, String>, own_pid: i32) -> Result<Parsed> {
         }
         parsed.supervisor = Some(pid);
     }
+    if let Some(text) = get(PROCESS_GROUP) {
+        let pgid: i32 = number(PROCESS_GROUP, text)?;
+        if pgid <= 1 {
+            return Err(Error::protocol(
+                PROCESS_GROUP,
+                text,
+                "no such process group",
+            ));
+        }
+        parsed.process_group = Some(pgid);
+    }
+    if let Some(text) = get(PREVIOUS).filter(|t| !t.is_empty()) {
+        for item in text.split(':') {
+            let (pid, start) = item
+                .split_once('.')
+                .ok_or_else(|| Error::protocol(PREVIOUS, text, "expected <pid>.<start time>"))?;
+            let pid: i32 = number(PREVIOUS, pid)?;
+            let start_time: u64 = number(PREVIOUS, start)?;
+            if pid <= 0 {
+                return Err(Error::protocol(PREVIOUS, text, "pid 0 is no process"));
+            }
+            if parsed.previous.len() >= MAX_FDS {
+                return Err(Error::protocol(PREVIOUS, text, "too many generations"));
+            }
+            parsed.previous.push(Process { pid, start_time });
+        }
+    }
     Ok(parsed)
 }
 
 /// What a new generation is told, apart from `LISTEN_PID`, which only the
 /// forked child can fill in (see `sys::spawn`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Handoff<'a> {
     /// Names of the fds passed at 3, 4, ...
     pub names: Vec<&'a str>,
@@ -214,6 +263,10 @@ pub struct Handoff<'a> {
     pub supervisor: Option<i32>,
     /// `NOTIFY_SOCKET` to pass on.
     pub notify_socket: Option<&'a str>,
+    /// The process group the child joins once it is current.
+    pub process_group: Option<i32>,
+    /// Earlier generations that may still be draining.
+    pub previous: &'a [Process],
 }
 
 impl Handoff<'_> {
@@ -232,6 +285,17 @@ impl Handoff<'_> {
         }
         if let Some(path) = self.notify_socket {
             vars.push((NOTIFY_SOCKET, path.to_owned()));
+        }
+        if let Some(pgid) = self.process_group {
+            vars.push((PROCESS_GROUP, pgid.to_string()));
+        }
+        if !self.previous.is_empty() {
+            let list: Vec<String> = self
+                .previous
+                .iter()
+                .map(|p| format!("{}.{}", p.pid, p.start_time))
+                .collect();
+            vars.push((PREVIOUS, list.join(":")));
         }
         vars
     }
@@ -273,6 +337,17 @@ mod tests {
             generation: 7,
             supervisor: None,
             notify_socket: Some("/run/notify"),
+            process_group: Some(77),
+            previous: &[
+                Process {
+                    pid: 10,
+                    start_time: 123,
+                },
+                Process {
+                    pid: 11,
+                    start_time: 456,
+                },
+            ],
         };
         let mut vars: HashMap<String, String> = handoff
             .render()
@@ -288,6 +363,8 @@ mod tests {
         assert_eq!(parsed.ready_fd, Some(5));
         assert_eq!(parsed.generation, 7);
         assert_eq!(parsed.notify_socket.as_deref(), Some("/run/notify"));
+        assert_eq!(parsed.process_group, Some(77));
+        assert_eq!(parsed.previous, handoff.previous);
     }
 
     #[test]

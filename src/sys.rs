@@ -91,30 +91,6 @@ pub(crate) fn dup_above(fd: BorrowedFd<'_>, min: RawFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
-/// Whether this process has exactly one thread, so that changing the
-/// environment cannot race with anyone reading it.
-pub(crate) fn single_threaded() -> bool {
-    std::fs::read_dir("/proc/self/task")
-        .map(|dir| dir.count() == 1)
-        .unwrap_or(false)
-}
-
-/// Removes variables from the process environment, so that the app's own
-/// children do not inherit them. Only done while the process is
-/// single-threaded; returns whether it was done.
-pub(crate) fn remove_env(vars: &[&str]) -> bool {
-    if !single_threaded() {
-        return false;
-    }
-    for var in vars {
-        // This process has one thread (checked just above, and only that
-        // thread could start another), so no other thread can read the
-        // environment while it changes.
-        std::env::remove_var(var);
-    }
-    true
-}
-
 /// Does nothing: a handler that keeps a signal from killing the process.
 extern "C" fn ignore_signal(_: libc::c_int) {}
 
@@ -268,7 +244,6 @@ impl Exec {
     /// group (the child and whatever it starts and does not move elsewhere)
     /// can be signalled at once with [`Child::signal_group`] or
     /// [`signal_group`].
-    #[allow(dead_code)] // used by the upgrade in the next step
     pub(crate) fn in_new_process_group(mut self) -> Self {
         self.process_group = true;
         self
@@ -632,7 +607,6 @@ impl Child {
 
     /// Sends `signal` to the child's whole process group when it leads one,
     /// else to the child alone.
-    #[allow(dead_code)] // used by the upgrade in the next step
     pub(crate) fn signal_group(&self, signal: Signal) -> io::Result<()> {
         if self.group {
             signal_group(self.pid, signal)
@@ -705,6 +679,43 @@ impl Child {
         nix::sys::signal::kill(Pid::from_raw(self.pid), signal)?;
         Ok(())
     }
+}
+
+/// A wait status as the standard library's [`std::process::ExitStatus`].
+pub(crate) fn exit_status(status: WaitStatus) -> std::process::ExitStatus {
+    use std::os::unix::process::ExitStatusExt;
+    let raw = match status {
+        WaitStatus::Exited(_, code) => (code & 0xff) << 8,
+        WaitStatus::Signaled(_, signal, core) => signal as i32 | if core { 0x80 } else { 0 },
+        _ => 0xff << 8,
+    };
+    std::process::ExitStatus::from_raw(raw)
+}
+
+/// The start time of `pid` (`/proc/<pid>/stat` field 22, clock ticks since
+/// boot), which tells it from a later process with the same pid; `None`
+/// when no such process exists (or it is a zombie).
+pub(crate) fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) S ppid ...": comm may hold anything; split at the last ')'.
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    if fields.first() == Some(&"Z") {
+        return None;
+    }
+    // Field 22 overall is the 20th after the comm.
+    fields.get(19)?.parse().ok()
+}
+
+/// The process group of this process.
+pub(crate) fn process_group() -> i32 {
+    nix::unistd::getpgrp().as_raw()
+}
+
+/// Moves this process into the existing process group `pgid` (of the same
+/// session).
+pub(crate) fn join_process_group(pgid: i32) -> io::Result<()> {
+    nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(pgid))?;
+    Ok(())
 }
 
 /// Describes how a process ended, in words.
@@ -863,6 +874,10 @@ mod tests {
             find_program(OsStr::new("no-such-program-xyz"), Some(OsStr::new("/bin"))).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::NotFound);
         assert!(find_program(OsStr::new(""), None).is_err());
+        let me = std::process::id() as i32;
+        assert!(start_time(me).is_some());
+        assert_eq!(start_time(me), start_time(me));
+        assert_eq!(start_time(i32::MAX), None);
         // A regular file that nobody may execute is passed over.
         let dir = std::env::temp_dir().join(format!("handover-path-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

@@ -1,21 +1,24 @@
-//! The upgrade: one at a time, start the next generation with our sockets,
-//! wait for ready / exit / timeout, report the outcome.
+//! The upgrade: start the next generation with our sockets, wait for ready /
+//! exit / timeout, and on failure stop it (gracefully, with everything it
+//! started) before reporting. The state it moves through is the
+//! [`Lifecycle`](crate::lifecycle::Lifecycle)'s.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::Signal;
-use std::sync::atomic::Ordering;
-
 use tokio::io::AsyncReadExt;
-use tokio::signal::unix::signal;
+use tokio::net::unix::pipe;
+use tokio::time::Sleep;
 use tracing::{error, info, info_span, warn, Instrument};
 
-use crate::drain::Stop;
 use crate::error::{Error, Result};
-use crate::handover::{lock, Handover, State};
-use crate::protocol::{self, Handoff};
+use crate::handover::{lock, Handover};
+use crate::lifecycle::UpgradeSlot;
+use crate::protocol::{self, Handoff, Process};
 use crate::sys::{self, Child, Exec};
+use crate::Signal;
 
 /// A successful upgrade: the new generation is ready and serving.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,68 +48,67 @@ impl Handover {
     /// Upgrades to the executable now on disk: starts it as the next
     /// generation with this process's sockets, waits until it is
     /// [`ready`](Handover::ready), then tells this generation to stop
-    /// ([`stopping`](Handover::stopping) resolves with [`Stop::Upgraded`]).
+    /// ([`stopping`](Handover::stopping) resolves with
+    /// [`Stop::Upgraded`](crate::Stop::Upgraded)).
     ///
     /// One upgrade runs at a time. On failure nothing changes: this
-    /// generation keeps serving, the failed child is killed and reaped, and a
-    /// later upgrade may be tried.
+    /// generation keeps serving; the failed generation, if still alive, is
+    /// sent the stop signal, given [`Options::failed_drain_timeout`](crate::Options::failed_drain_timeout)
+    /// to finish what it accepted, then killed with every process it
+    /// started; the error comes once it is reaped.
     ///
     /// # Errors
     /// [`Error::Spawn`] (the executable cannot be started),
     /// [`Error::ChildExited`], [`Error::ReadyTimeout`],
-    /// [`Error::UpgradeInProgress`], [`Error::Stopping`] (this generation was
-    /// replaced or told to stop, also while the upgrade ran),
-    /// [`Error::Supervised`], [`Error::NoExecutable`], [`Error::NoRuntime`].
+    /// [`Error::UpgradeInProgress`], [`Error::TooManyDraining`],
+    /// [`Error::Stopping`] (this generation was replaced or told to stop,
+    /// also while the upgrade ran), [`Error::Supervised`],
+    /// [`Error::NoExecutable`], [`Error::NoRuntime`] (also for a runtime
+    /// without its I/O or time driver), [`Error::TaskFailed`].
     ///
     /// # Cancellation
     /// The upgrade runs in a task of its own: dropping the returned future
     /// does not abandon a half-started generation; the upgrade still runs to
-    /// its outcome, which is logged.
+    /// its outcome, which is logged, and a final stop waits for it.
     pub async fn upgrade(&self) -> Result<Upgraded> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime {
             operation: "Handover::upgrade",
         })?;
         let handover = self.clone();
-        runtime
+        match runtime
             .spawn(async move { handover.upgrade_to_outcome().await })
             .await
-            .map_err(|e| Error::io("running the upgrade", std::io::Error::other(e.to_string())))?
+        {
+            Ok(result) => result,
+            Err(e) => Err(Error::TaskFailed {
+                operation: "the upgrade",
+                panicked: e.is_panic(),
+            }),
+        }
+    }
+
+    /// Starts an upgrade in a task of its own (for the upgrade signal).
+    pub(crate) fn spawn_upgrade(&self) {
+        let handover = self.clone();
+        tokio::spawn(async move {
+            let _ = handover.upgrade_to_outcome().await;
+        });
     }
 
     async fn upgrade_to_outcome(&self) -> Result<Upgraded> {
-        let from = self.inner.generation;
         let span = info_span!(
             "upgrade",
-            generation = from + 1,
+            generation = self.inner.generation.saturating_add(1),
             parent_pid = std::process::id()
         );
         async {
             self.check_can_upgrade()?;
-            {
-                let mut state = self.inner.state();
-                match *state {
-                    State::Serving => *state = State::Upgrading,
-                    State::Upgrading => {
-                        warn!("upgrade already in progress; trigger refused");
-                        return Err(Error::UpgradeInProgress);
-                    }
-                    State::Stopping => {
-                        warn!("this generation is stopping; upgrade refused");
-                        return Err(Error::Stopping);
-                    }
-                }
-            }
-            let result = self.run_upgrade().await;
-            {
-                let mut state = self.inner.state();
-                if *state == State::Upgrading {
-                    *state = if result.is_ok() {
-                        State::Stopping
-                    } else {
-                        State::Serving
-                    };
-                }
-            }
+            let slot = self
+                .inner
+                .lifecycle
+                .begin_upgrade()
+                .inspect_err(|e| warn!(error = %e.report(), "upgrade refused"))?;
+            let result = self.run_upgrade(&slot).await;
             match &result {
                 Ok(up) => {
                     info!(
@@ -114,9 +116,14 @@ impl Handover {
                         ready_ms = up.ready_after.as_millis() as u64,
                         "upgrade succeeded; this generation stops accepting"
                     );
-                    self.inner.drain.stop(Stop::Upgraded(up.clone()));
+                    slot.succeed(up.clone());
                 }
-                Err(e) => error!(error = %e, "upgrade failed; this generation keeps serving"),
+                Err(e) => {
+                    error!(error = %e.report(), "upgrade failed; this generation keeps serving");
+                    // The PID file names the generation that serves: this one.
+                    self.write_pid_file();
+                    slot.fail();
+                }
             }
             result
         }
@@ -124,18 +131,46 @@ impl Handover {
         .await
     }
 
-    async fn run_upgrade(&self) -> Result<Upgraded> {
+    /// Earlier generations still alive (draining).
+    fn draining(&self) -> Vec<Process> {
+        self.inner
+            .previous
+            .iter()
+            .copied()
+            .filter(|p| sys::start_time(p.pid) == Some(p.start_time))
+            .collect()
+    }
+
+    async fn run_upgrade(&self, slot: &UpgradeSlot) -> Result<Upgraded> {
         let inner = &self.inner;
         let executable = inner
             .executable
             .clone()
             .map_err(|problem| Error::NoExecutable { problem })?;
+        let mut previous = self.draining();
+        let max = inner.options.max_draining;
+        if previous.len() >= max {
+            return Err(Error::TooManyDraining {
+                draining: previous.len(),
+                max,
+            });
+        }
         if std::process::id() == 1 {
             warn!("upgrading as PID 1: when this generation exits, the container ends; use `handover run` as the entrypoint");
+        }
+        let own_pid = std::process::id() as i32;
+        if let Some(start_time) = sys::start_time(own_pid) {
+            previous.push(Process {
+                pid: own_pid,
+                start_time,
+            });
         }
         let started = Instant::now();
         let (ready_read, ready_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| Error::io("creating the ready pipe", e.into()))?;
+        // Everything that needs the runtime's drivers is made before the
+        // fork: a runtime without them fails here, with no child started.
+        let (pipe, timer) = watchers(ready_read, inner.options.ready_timeout)?;
         let spawn_error = |source| Error::Spawn {
             executable: executable.clone(),
             source,
@@ -153,9 +188,11 @@ impl Handover {
             let vars = Handoff {
                 names: handoff.iter().map(|(name, _)| *name).collect(),
                 ready_fd: Some(protocol::FIRST_FD + fds.len() as i32),
-                generation: inner.generation + 1,
+                generation: inner.generation.saturating_add(1),
                 supervisor: None,
                 notify_socket: inner.notify_socket.as_deref(),
+                process_group: Some(sys::process_group()),
+                previous: &previous,
             };
             let exec = Exec::generation(
                 executable.as_os_str(),
@@ -164,7 +201,8 @@ impl Handover {
                 &vars,
                 inner.cwd.as_deref().map(|c| c.as_os_str()),
             )
-            .map_err(spawn_error)?;
+            .map_err(spawn_error)?
+            .in_new_process_group();
             fds.push(ready_write);
             (exec, fds)
         };
@@ -173,87 +211,95 @@ impl Handover {
         // to): off the runtime's workers.
         let spawned = tokio::task::spawn_blocking(move || {
             let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
-            let child = sys::spawn(exec, &borrowed);
+            let pid = sys::spawn(exec, &borrowed);
             // Our copies, the ready pipe's write end among them, close here.
             fds.clear();
-            child
+            pid
         })
         .await
-        .map_err(|e| {
-            Error::io(
-                "starting the new generation",
-                std::io::Error::other(e.to_string()),
-            )
+        .map_err(|e| Error::TaskFailed {
+            operation: "starting the new generation",
+            panicked: e.is_panic(),
         })?;
-        let mut child = Child::new(spawned.map_err(spawn_error)?, false);
+        // From here on the child is killed and reaped should anything below
+        // unwind: `Child` does so on drop.
+        let mut child = Child::new(spawned.map_err(spawn_error)?, true);
         let pid = child.pid();
         info!(pid, executable = %executable.display(), sockets, "new generation started; waiting for ready");
 
-        let waited = self.wait_ready(&mut child, ready_read).await;
+        let waited = self.wait_ready(&mut child, pipe, timer).await;
         let ready_after = started.elapsed();
         let timeout = inner.options.ready_timeout;
-        if matches!(waited, Waited::Ready | Waited::ReadyWhileStopping) {
-            // A generation serves on our sockets now: they are no longer ours
-            // alone to clean up, even if a final stop races this upgrade.
-            self.inner.replaced.store(true, Ordering::SeqCst);
-        }
         match waited {
             Waited::Ready => {
+                // A generation serves on our sockets now: they are no longer
+                // ours alone to clean up.
+                slot.mark_replaced();
                 child.detach();
                 Ok(Upgraded {
                     pid,
-                    generation: inner.generation + 1,
+                    generation: inner.generation.saturating_add(1),
                     ready_after,
                 })
             }
-            Waited::Exited(status) => Err(Error::ChildExited {
-                pid,
-                status: sys::describe(status),
-            }),
+            Waited::Exited(status) => {
+                leftovers(pid);
+                Err(Error::ChildExited {
+                    pid,
+                    status: sys::exit_status(status),
+                })
+            }
             Waited::PipeClosed => {
                 // The pipe closes when the child exits; give the exit a
                 // moment to be seen, within what is left of the timeout.
                 let left = timeout.saturating_sub(ready_after);
                 match tokio::time::timeout(left, child.wait()).await {
-                    Ok(Ok(status)) => Err(Error::ChildExited {
-                        pid,
-                        status: sys::describe(status),
-                    }),
+                    Ok(Ok(status)) => {
+                        leftovers(pid);
+                        Err(Error::ChildExited {
+                            pid,
+                            status: sys::exit_status(status),
+                        })
+                    }
                     _ => {
-                        kill_and_reap(&mut child).await;
+                        self.stop_failed(&mut child, "it closed the ready pipe without a word")
+                            .await;
                         Err(Error::ReadyTimeout { pid, timeout })
                     }
                 }
             }
             Waited::TimedOut => {
-                kill_and_reap(&mut child).await;
+                self.stop_failed(&mut child, "it was not ready in time")
+                    .await;
                 Err(Error::ReadyTimeout { pid, timeout })
             }
             Waited::Abandoned => {
-                kill_and_reap(&mut child).await;
+                self.stop_failed(&mut child, "this generation was told to stop")
+                    .await;
                 Err(Error::Stopping)
             }
             Waited::ReadyWhileStopping => {
-                // It may already hold connections: stop it the way we stop,
-                // gracefully, rather than kill it.
-                if let Err(e) = child.signal(Signal::SIGTERM) {
-                    warn!(pid, error = %e, "cannot stop the new generation");
-                }
-                child.detach();
+                // It may already hold connections: it drains like we do.
+                self.stop_failed(
+                    &mut child,
+                    "it became ready as this generation was told to stop",
+                )
+                .await;
                 Err(Error::Stopping)
             }
             Waited::Failed(e) => {
-                kill_and_reap(&mut child).await;
+                self.stop_failed(&mut child, "waiting for it failed").await;
                 Err(Error::io("waiting for the new generation", e))
             }
         }
     }
 
-    async fn wait_ready(&self, child: &mut Child, ready_read: std::os::fd::OwnedFd) -> Waited {
-        let mut pipe = match tokio::net::unix::pipe::Receiver::from_owned_fd(ready_read) {
-            Ok(p) => p,
-            Err(e) => return Waited::Failed(e),
-        };
+    async fn wait_ready(
+        &self,
+        child: &mut Child,
+        mut pipe: pipe::Receiver,
+        mut timer: Pin<Box<Sleep>>,
+    ) -> Waited {
         let watch = self.watch();
         let mut byte = [0u8; 1];
         let waited = tokio::select! {
@@ -269,7 +315,7 @@ impl Handover {
                 Ok(status) => Waited::Exited(status),
                 Err(e) => Waited::Failed(e),
             },
-            () = tokio::time::sleep(self.inner.options.ready_timeout) => Waited::TimedOut,
+            () = &mut timer => Waited::TimedOut,
             _ = watch.stopping() => Waited::Abandoned,
         };
         // The byte may have landed just after the timer or the stop fired.
@@ -280,60 +326,77 @@ impl Handover {
             other => other,
         }
     }
-}
 
-async fn kill_and_reap(child: &mut Child) {
-    let pid = child.pid();
-    if let Err(e) = child.signal(Signal::SIGKILL) {
-        warn!(pid, error = %e, "cannot kill the failed new generation");
-    }
-    match child.wait().await {
-        Ok(status) => info!(pid, status = %sys::describe(status), "failed new generation reaped"),
-        Err(e) => warn!(pid, error = %e, "cannot reap the failed new generation"),
-    }
-}
-
-/// Spawns the tasks that turn signals into upgrades and stops.
-pub(crate) fn install_signal_handlers(handover: &Handover) -> Result<()> {
-    let (upgrade_kind, stop_kinds) = handover.signal_kinds();
-    if let Some(kind) = upgrade_kind {
-        let mut stream =
-            signal(kind).map_err(|e| Error::io("installing the upgrade signal handler", e))?;
-        let h = handover.clone();
-        tokio::spawn(async move {
-            while stream.recv().await.is_some() {
-                info!(
-                    generation = h.generation(),
-                    signal = kind.as_raw_value(),
-                    "upgrade signal received"
+    /// Stops a failed new generation the way a generation drains: the stop
+    /// signal to its process group, the failed-drain timeout to finish what
+    /// it accepted from the shared queue, then SIGKILL to the group.
+    async fn stop_failed(&self, child: &mut Child, why: &str) {
+        let pid = child.pid();
+        let signal = self
+            .inner
+            .options
+            .stop_signals
+            .first()
+            .copied()
+            .unwrap_or(Signal::SIGTERM);
+        let grace = self.inner.options.effective_failed_drain_timeout();
+        info!(
+            pid,
+            signal = signal.as_str(),
+            sigkill_in_ms = grace.as_millis() as u64,
+            "stopping the failed new generation: {why}"
+        );
+        if let Err(e) = child.signal_group(signal) {
+            warn!(pid, error = %e, "cannot send the stop signal to the failed new generation");
+        }
+        match tokio::time::timeout(grace, child.wait()).await {
+            Ok(Ok(status)) => {
+                info!(pid, status = %sys::describe(status), "failed new generation exited")
+            }
+            Ok(Err(e)) => warn!(pid, error = %e, "cannot wait for the failed new generation"),
+            Err(_) => {
+                warn!(
+                    pid,
+                    "the failed new generation did not exit in time: SIGKILL"
                 );
-                if let Err(Error::Supervised) = h.check_can_upgrade() {
-                    warn!("upgrade signal ignored: the handover supervisor owns upgrades");
-                    continue;
+                if let Err(e) = child.signal_group(Signal::SIGKILL) {
+                    warn!(pid, error = %e, "cannot kill the failed new generation");
                 }
-                // The upgrade runs beside this loop, so that a burst of
-                // signals is refused one by one rather than queued.
-                let h = h.clone();
-                tokio::spawn(async move {
-                    let _ = h.upgrade_to_outcome().await;
-                });
+                match child.wait().await {
+                    Ok(status) => {
+                        info!(pid, status = %sys::describe(status), "failed new generation reaped")
+                    }
+                    Err(e) => warn!(pid, error = %e, "cannot reap the failed new generation"),
+                }
             }
-        });
+        }
+        leftovers(pid);
     }
-    for kind in stop_kinds {
-        let mut stream =
-            signal(kind).map_err(|e| Error::io("installing a stop signal handler", e))?;
-        let h = handover.clone();
-        tokio::spawn(async move {
-            while stream.recv().await.is_some() {
-                info!(
-                    generation = h.generation(),
-                    signal = kind.as_raw_value(),
-                    "stop signal received"
-                );
-                h.shutdown();
-            }
-        });
+}
+
+/// Kills what a failed generation started and left behind in its process
+/// group (an orphaned `sleep` of a shell script would hold the listener).
+fn leftovers(pgid: i32) {
+    if let Err(e) = sys::signal_group(pgid, Signal::SIGKILL) {
+        warn!(pgid, error = %e, "cannot kill what the failed new generation left behind");
     }
-    Ok(())
+}
+
+/// The ready pipe's receiver and the ready timer, made before any fork.
+/// Tokio panics when the runtime lacks the I/O or time driver; that panic is
+/// turned into [`Error::NoRuntime`] here, before a child exists.
+fn watchers(ready_read: OwnedFd, timeout: Duration) -> Result<(pipe::Receiver, Pin<Box<Sleep>>)> {
+    let made = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        let timer = Box::pin(tokio::time::sleep(timeout));
+        let pipe = pipe::Receiver::from_owned_fd(ready_read);
+        (pipe, timer)
+    }));
+    match made {
+        Ok((Ok(pipe), timer)) => Ok((pipe, timer)),
+        Ok((Err(e), _)) => Err(Error::io("watching the ready pipe", e)),
+        Err(_) => Err(Error::NoRuntime {
+            operation:
+                "Handover::upgrade (the runtime needs its I/O and time drivers: enable_all())",
+        }),
+    }
 }

@@ -33,7 +33,7 @@ fn main() -> ExitCode {
             match supervisor::run(config) {
                 Ok(code) => exit(code),
                 Err(e) => {
-                    eprintln!("handover: {e}");
+                    eprintln!("handover: {}", e.report());
                     exit(e.exit_code())
                 }
             }

@@ -49,6 +49,12 @@ pub enum Error {
 }
 
 impl Error {
+    /// This error with its causes, `: `-separated, for the message
+    /// `handover run` prints.
+    pub fn report(&self) -> String {
+        crate::error::report(self)
+    }
+
     pub(crate) fn io(operation: &'static str, source: impl Into<io::Error>) -> Self {
         Error::Io {
             operation,
@@ -73,28 +79,20 @@ impl Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::Listen { spec, source } => write!(f, "--listen {spec}: {source}"),
-            Error::Control {
-                path,
-                problem,
-                source,
-            } => {
-                write!(f, "control socket {}: {problem}", path.display())?;
-                if let Some(source) = source {
-                    write!(f, ": {source}")?;
-                }
-                write!(f, " (choose another path with --control)")
-            }
+            Error::Listen { spec, .. } => write!(f, "--listen {spec}"),
+            Error::Control { path, problem, .. } => write!(
+                f,
+                "control socket {}: {problem} (choose another path with --control)",
+                path.display()
+            ),
             Error::ControlInUse { path } => write!(
                 f,
                 "control socket {}: another handover supervisor is listening there \
                  (choose another path with --control)",
                 path.display()
             ),
-            Error::Spawn { command, source } => {
-                write!(f, "cannot start {command}: {source}")
-            }
-            Error::Io { operation, source } => write!(f, "{operation} failed: {source}"),
+            Error::Spawn { command, .. } => write!(f, "cannot start {command}"),
+            Error::Io { operation, .. } => write!(f, "{operation} failed"),
         }
     }
 }

@@ -65,6 +65,7 @@ impl Spawner {
             generation,
             supervisor: Some(self.supervisor_pid),
             notify_socket: Some(notify_socket),
+            ..Handoff::default()
         };
         let exec = Exec::generation(
             path.as_os_str(),

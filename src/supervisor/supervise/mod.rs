@@ -560,7 +560,7 @@ fn bind_listeners(cfg: &RunConfig) -> Result<(Registry, Vec<(String, String)>), 
     let mut described = Vec::new();
     let opts = BindOptions {
         backlog: cfg.backlog,
-        reuseport: false,
+        ..BindOptions::default()
     };
     for spec in &cfg.listeners {
         let failed = |source| Error::Listen {
@@ -611,20 +611,13 @@ pub(crate) fn run(cfg: RunConfig) -> Result<i32, Error> {
         nix::sys::prctl::set_child_subreaper(true)
             .map_err(|e| Error::io("becoming a child subreaper", e))?;
     }
-    let mut env = Vec::new();
-    let mut parent_notify = None;
-    for (key, value) in std::env::vars_os() {
-        if key == protocol::NOTIFY_SOCKET {
-            parent_notify = value.to_str().filter(|v| !v.is_empty()).map(str::to_owned);
-        }
-        if key
-            .to_str()
-            .is_some_and(|k| protocol::VARIABLES.contains(&k))
-        {
-            continue;
-        }
-        env.push((key, value));
-    }
+    // Our own NOTIFY_SOCKET (systemd's), from the start-up snapshot: the
+    // protocol variables are not in the environment any more.
+    let parent_notify = crate::environment::protocol_variable(protocol::NOTIFY_SOCKET)
+        .and_then(|v| v.to_str())
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned);
+    let env = crate::environment::inheritable();
     let (registry, listeners) = bind_listeners(&cfg)?;
     let control = match control::bind(&cfg.control) {
         Ok(control) => control,
