@@ -16,7 +16,11 @@
 //! that the app's own children inherit none of handover's fds or variables),
 //! `--upgrade-endpoint` (enables `POST /upgrade`, a programmatic upgrade
 //! that answers with its outcome: `upgraded pid=.. generation=.. ready_ms=..`,
-//! or 500 and the reason).
+//! or 500 and the reason), `--pid-file PATH` (`Options::pid_file`),
+//! `--max-draining N` (8), `--failed-drain-timeout-ms N` (the drain timeout),
+//! `--never-ready` (takes the sockets and serves, but never says ready: a
+//! broken release), `--unhealthy` (`GET /healthz` answers 503 instead of
+//! 200), `--crash-after-ready-ms N` (exits 1 N ms after it is ready).
 //!
 //! Draining keeps every request: HTTP/1 responses get `Connection: close`
 //! once the generation is stopping, so clients reconnect (to the new
@@ -26,7 +30,6 @@
 #[path = "shared/app.rs"]
 mod app;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,42 +46,44 @@ use tracing::{info, warn};
 use app::{status, IDLE_GRACE};
 
 struct Args {
-    listen: SocketAddr,
+    common: app::CommonArgs,
     child_probe: bool,
     upgrade_endpoint: bool,
-    ready_timeout: Duration,
-    drain_timeout: Duration,
+    options: Options,
 }
 
 fn parse_args() -> Result<Args, String> {
     let (mut child_probe, mut upgrade_endpoint) = (false, false);
-    let mut ready_timeout = Duration::from_secs(60);
+    let mut options = Options::default();
     let common = app::parse_args(|flag, value| {
-        match flag {
-            "--ready-timeout-ms" => ready_timeout = value.ms()?,
-            "--child-probe" => child_probe = true,
-            "--upgrade-endpoint" => upgrade_endpoint = true,
+        options = match flag {
+            "--ready-timeout-ms" => options.clone().ready_timeout(value.ms()?),
+            "--failed-drain-timeout-ms" => options.clone().failed_drain_timeout(value.ms()?),
+            "--max-draining" => options.clone().max_draining(value.number()?),
+            "--pid-file" => options.clone().pid_file(value.string()?),
+            "--child-probe" => {
+                child_probe = true;
+                return Ok(true);
+            }
+            "--upgrade-endpoint" => {
+                upgrade_endpoint = true;
+                return Ok(true);
+            }
             _ => return Ok(false),
-        }
+        };
         Ok(true)
     })?;
+    let options = options.drain_timeout(common.drain_timeout);
     Ok(Args {
-        listen: common.listen,
+        common,
         child_probe,
         upgrade_endpoint,
-        ready_timeout,
-        drain_timeout: common.drain_timeout,
+        options,
     })
 }
 
-fn main() {
-    if let Err(e) = run() {
-        eprintln!("http_server: {e}");
-        std::process::exit(1);
-    }
-}
-
-fn run() -> Result<(), Box<dyn std::error::Error>> {
+#[tokio::main]
+async fn main() {
     app::init_logging();
     let args = match parse_args() {
         Ok(args) => args,
@@ -87,14 +92,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             std::process::exit(2);
         }
     };
-    // Before the runtime starts: the protocol variables are then removed
-    // from what our own children inherit.
-    let handover = Handover::new(
-        Options::default()
-            .ready_timeout(args.ready_timeout)
-            .drain_timeout(args.drain_timeout),
-    )?;
-    tokio::runtime::Runtime::new()?.block_on(serve(handover, args))
+    if let Err(e) = serve(args).await {
+        eprintln!("http_server: {e}");
+        std::process::exit(1);
+    }
 }
 
 /// What a request handler knows.
@@ -105,16 +106,24 @@ struct App {
     generation: u64,
     child_probe: bool,
     upgrade_endpoint: bool,
+    unhealthy: bool,
 }
 
-async fn serve(handover: Handover, args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let listen = args.listen;
-    let listener = handover.tcp("http", listen)?;
+async fn serve(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    // Inside the runtime is fine: the protocol variables were taken out of
+    // the environment before main.
+    let handover = Handover::new(args.options.clone())?;
+    let listener = handover.tcp("http", args.common.listen)?;
     let addr = listener.local_addr()?;
     let pid = std::process::id();
     let generation = handover.generation();
-    handover.ready()?;
-    app::print_ready(pid, generation, addr)?;
+    if args.common.never_ready {
+        tracing::warn!("--never-ready: serving without ever saying ready");
+    } else {
+        handover.ready()?;
+        app::print_ready(pid, generation, addr)?;
+        app::crash_after_ready(args.common.crash_after_ready);
+    }
 
     let watch = handover.watch();
     let app = Arc::new(App {
@@ -124,6 +133,7 @@ async fn serve(handover: Handover, args: Args) -> Result<(), Box<dyn std::error:
         generation,
         child_probe: args.child_probe,
         upgrade_endpoint: args.upgrade_endpoint,
+        unhealthy: args.common.unhealthy,
     });
     let builder = auto::Builder::new(TokioExecutor::new());
     loop {
@@ -173,6 +183,10 @@ impl app::App for App {
 
     fn is_stopping(&self) -> bool {
         self.watch.is_stopping()
+    }
+
+    fn unhealthy(&self) -> bool {
+        self.unhealthy
     }
 
     async fn route(&self, req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {

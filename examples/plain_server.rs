@@ -13,7 +13,9 @@
 //! (`LISTEN_PID` is this process and `LISTEN_FDS` >= 1) it serves on fd 3 instead of binding
 //! `--listen`; `<n>` is `$HANDOVER_GENERATION` when set, else 1.
 //! Options: `--listen ADDR` (default 127.0.0.1:8080, port 0 allowed), `--drain-timeout-ms N`
-//! (30000), `--startup-delay-ms N` (0: time spent "initialising" before ready).
+//! (30000), `--startup-delay-ms N` (0: time spent "initialising" before ready), and those
+//! of a broken release: `--never-ready` (serve, but never say ready), `--unhealthy`
+//! (`GET /healthz` answers 503 instead of 200), `--crash-after-ready-ms N`.
 //!
 //! SIGTERM or SIGINT drains the way `http_server` does: no new connections; responses carry
 //! `Connection: close`; a connection still idle after a short grace is closed; exit after
@@ -44,6 +46,9 @@ struct Args {
     listen: SocketAddr,
     drain_timeout: Duration,
     startup_delay: Duration,
+    never_ready: bool,
+    unhealthy: bool,
+    crash_after_ready: Option<Duration>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -59,6 +64,9 @@ fn parse_args() -> Result<Args, String> {
         listen: common.listen,
         drain_timeout: common.drain_timeout,
         startup_delay,
+        never_ready: common.never_ready,
+        unhealthy: common.unhealthy,
+        crash_after_ready: common.crash_after_ready,
     })
 }
 
@@ -129,6 +137,7 @@ struct App {
     pid: u32,
     generation: u64,
     stopping: watch::Receiver<bool>,
+    unhealthy: bool,
 }
 
 async fn serve(args: Args) -> Result<(), Box<dyn std::error::Error>> {
@@ -147,15 +156,21 @@ async fn serve(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .ok()
         .and_then(|g| g.parse().ok())
         .unwrap_or(1u64);
-    notify_ready()?;
-    app::print_ready(pid, generation, addr)?;
-    tracing::info!(pid, generation, %addr, "ready");
+    if args.never_ready {
+        tracing::warn!("--never-ready: serving without ever saying ready");
+    } else {
+        notify_ready()?;
+        app::print_ready(pid, generation, addr)?;
+        tracing::info!(pid, generation, %addr, "ready");
+        app::crash_after_ready(args.crash_after_ready);
+    }
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let app = Arc::new(App {
         pid,
         generation,
         stopping: stop_rx.clone(),
+        unhealthy: args.unhealthy,
     });
     let builder = auto::Builder::new(TokioExecutor::new());
     let mut connections = tokio::task::JoinSet::new();
@@ -217,6 +232,10 @@ impl app::App for App {
 
     fn is_stopping(&self) -> bool {
         *self.stopping.borrow()
+    }
+
+    fn unhealthy(&self) -> bool {
+        self.unhealthy
     }
 
     async fn route(&self, _req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {

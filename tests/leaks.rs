@@ -75,3 +75,36 @@ fn fd_count_is_stable_across_upgrades_and_children_inherit_nothing() {
     }
     assert!(server.zombies().is_empty(), "{:?}", server.zombies());
 }
+
+#[test]
+fn fds_the_first_generation_inherited_by_accident_do_not_reach_the_next() {
+    let dir = std::env::temp_dir().join(format!("handover-stray-fd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let stray = dir.join("stray-file");
+    std::fs::write(&stray, "").expect("stray file");
+    // Whoever started generation 1 leaked fd 7 to it (not close-on-exec).
+    let mut cmd = std::process::Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg(format!(
+            "exec 7<'{}'; exec \"$0\" --listen 127.0.0.1:0",
+            stray.display()
+        ))
+        .arg(common::example_path("http_server"));
+    let server = ServerProcess::spawn(cmd);
+    let gen1 = server.wait_ready(1);
+    let has_stray = |pid| {
+        fd_targets(pid)
+            .expect("fds")
+            .iter()
+            .any(|(_, target)| target.contains("stray-file"))
+    };
+    assert!(has_stray(gen1.pid), "generation 1 holds the stray fd");
+    server.signal_pid(gen1.pid, Signal::SIGHUP).expect("SIGHUP");
+    let gen2 = server.wait_ready(2);
+    assert!(
+        !has_stray(gen2.pid),
+        "generation 2 inherited the stray fd: {:?}",
+        fd_targets(gen2.pid)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

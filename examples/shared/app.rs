@@ -18,11 +18,16 @@ use hyper::{Request, Response, StatusCode, Version};
 /// `Watch::graceful`.
 pub const IDLE_GRACE: Duration = Duration::from_millis(500);
 
-/// The options both servers take: `--listen ADDR` (default 127.0.0.1:8080) and
-/// `--drain-timeout-ms N` (30000).
+/// The options both servers take: `--listen ADDR` (default 127.0.0.1:8080),
+/// `--drain-timeout-ms N` (30000), and those that make a broken release:
+/// `--never-ready` (serve, but never say ready), `--unhealthy` (`/healthz`
+/// answers 503), `--crash-after-ready-ms N` (exit 1 N ms after ready).
 pub struct CommonArgs {
     pub listen: SocketAddr,
     pub drain_timeout: Duration,
+    pub never_ready: bool,
+    pub unhealthy: bool,
+    pub crash_after_ready: Option<Duration>,
 }
 
 /// The value of a command-line flag, taken from the arguments on demand.
@@ -35,6 +40,14 @@ impl Value<'_> {
     /// The next argument, as is.
     pub fn string(&mut self) -> Result<String, String> {
         self.it.next().ok_or(format!("{} needs a value", self.flag))
+    }
+
+    /// The next argument, a whole number.
+    #[allow(dead_code)] // plain_server takes no number
+    pub fn number<T: std::str::FromStr>(&mut self) -> Result<T, String> {
+        let v = self.string()?;
+        v.parse::<T>()
+            .map_err(|_| format!("{}: {v:?} is not a number", self.flag))
     }
 
     /// The next argument, a number of milliseconds.
@@ -54,6 +67,9 @@ pub fn parse_args(
     let mut args = CommonArgs {
         listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
         drain_timeout: Duration::from_secs(30),
+        never_ready: false,
+        unhealthy: false,
+        crash_after_ready: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -69,6 +85,9 @@ pub fn parse_args(
                     .map_err(|_| format!("--listen: {v:?} is not an IP:PORT address"))?;
             }
             "--drain-timeout-ms" => args.drain_timeout = value.ms()?,
+            "--never-ready" => args.never_ready = true,
+            "--unhealthy" => args.unhealthy = true,
+            "--crash-after-ready-ms" => args.crash_after_ready = Some(value.ms()?),
             other => {
                 if !extra(other, &mut value)? {
                     return Err(format!("unknown option {other:?}"));
@@ -97,6 +116,18 @@ pub fn print_ready(pid: u32, generation: u64, addr: SocketAddr) -> std::io::Resu
     out.flush()
 }
 
+/// With `--crash-after-ready-ms N`: exits 1 N ms from now (a release that
+/// says ready, then crashes).
+pub fn crash_after_ready(after: Option<Duration>) {
+    if let Some(after) = after {
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            tracing::error!("--crash-after-ready-ms: crashing now");
+            std::process::exit(1);
+        });
+    }
+}
+
 /// What the handler needs from the server it runs in.
 pub trait App: Send + Sync + 'static {
     /// This process.
@@ -105,6 +136,8 @@ pub trait App: Send + Sync + 'static {
     fn generation(&self) -> u64;
     /// Whether it is draining.
     fn is_stopping(&self) -> bool;
+    /// Whether `/healthz` answers 503 (`--unhealthy`).
+    fn unhealthy(&self) -> bool;
     /// Routes of this server beyond `/` and `/slow`; `None`: not found.
     fn route(
         &self,
@@ -113,7 +146,7 @@ pub trait App: Send + Sync + 'static {
 }
 
 /// The handler: `/` answers `pid=<pid> generation=<n>`, `/slow?ms=N` the same after N ms,
-/// then the server's own routes, else 404. While draining, HTTP/1 responses carry
+/// `/healthz` 200 (503 with `--unhealthy`), then the server's own routes, else 404. While draining, HTTP/1 responses carry
 /// `Connection: close`.
 pub async fn respond<A: App>(
     req: Request<Incoming>,
@@ -122,6 +155,8 @@ pub async fn respond<A: App>(
     let body = format!("pid={} generation={}", app.pid(), app.generation());
     let mut response = match req.uri().path() {
         "/" => Response::new(Full::new(Bytes::from(body))),
+        "/healthz" if app.unhealthy() => status(StatusCode::SERVICE_UNAVAILABLE, "unhealthy\n"),
+        "/healthz" => status(StatusCode::OK, "ok\n"),
         "/slow" => {
             let ms = req
                 .uri()
