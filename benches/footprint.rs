@@ -110,7 +110,7 @@ fn run() -> Result<(), String> {
             common::register_group(server.pid());
             let ready = server.wait_ready(1, WAIT).map_err(|e| e.to_string())?;
             rss.push(status_kb(ready.pid, "VmRSS").unwrap_or(0));
-            let _ = server.stop(libc::SIGTERM, WAIT);
+            let _ = server.stop(handover::Signal::SIGTERM, WAIT);
         }
         println!(
             "| {:<44} | {:>17} | {:>17} | {:>17} |",
@@ -145,7 +145,7 @@ fn supervisor_rss(
     let mut current = first;
     for _ in 0..UPGRADES {
         server
-            .signal(supervisor, libc::SIGHUP)
+            .signal(supervisor, handover::Signal::SIGHUP)
             .map_err(|e| e.to_string())?;
         let next = server
             .wait_ready(current.generation + 1, WAIT)
@@ -157,7 +157,7 @@ fn supervisor_rss(
     }
     let after = status_kb(supervisor, "VmRSS").unwrap_or(0);
     let hwm = status_kb(supervisor, "VmHWM").unwrap_or(0);
-    let _ = server.stop(libc::SIGTERM, WAIT);
+    let _ = server.stop(handover::Signal::SIGTERM, WAIT);
     Ok((at_ready, after, hwm, app))
 }
 

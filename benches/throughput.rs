@@ -224,7 +224,7 @@ fn measure(exe: &Path, mode: Mode, pinned: bool) -> Result<Sample, String> {
         .saturating_sub(server_cpu0);
     let client_cpu = common::own_cpu_time().saturating_sub(client_cpu0);
     let jiffies1 = common::cpu_jiffies();
-    let _ = server.stop(libc::SIGTERM, WAIT);
+    let _ = server.stop(handover::Signal::SIGTERM, WAIT);
     let elapsed = report.elapsed.as_secs_f64().max(1e-9);
     Ok(Sample {
         rps: report.ok as f64 / elapsed,

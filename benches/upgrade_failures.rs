@@ -236,7 +236,7 @@ fn naive(http_server: &Path, mode: Mode) -> Result<RunResult, String> {
     let mut restarts = 0;
     for _ in 0..K {
         server
-            .signal(server.pid(), libc::SIGTERM)
+            .signal(server.pid(), handover::Signal::SIGTERM)
             .map_err(|e| e.to_string())?;
         server
             .wait_exit(server.pid(), WAIT)

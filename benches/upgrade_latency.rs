@@ -166,7 +166,7 @@ fn cold_starts(app: impl Fn() -> Command) -> Result<Vec<Duration>, String> {
         common::register_group(server.pid());
         let ready = server.wait_ready(1, WAIT).map_err(|e| e.to_string())?;
         times.push(ready.at.saturating_duration_since(t0));
-        let _ = server.stop(libc::SIGTERM, WAIT);
+        let _ = server.stop(handover::Signal::SIGTERM, WAIT);
     }
     Ok(times)
 }
@@ -187,7 +187,7 @@ fn upgrades(cmd: Command, to_started: bool) -> Result<(Vec<Duration>, Vec<Durati
         };
         let trigger = Instant::now();
         server
-            .signal(target, libc::SIGHUP)
+            .signal(target, handover::Signal::SIGHUP)
             .map_err(|e| e.to_string())?;
         let next = server
             .wait_ready(current.generation + 1, WAIT)
@@ -199,6 +199,6 @@ fn upgrades(cmd: Command, to_started: bool) -> Result<(Vec<Duration>, Vec<Durati
         old_exit.push(trigger.elapsed());
         current = next;
     }
-    let _ = server.stop(libc::SIGTERM, WAIT);
+    let _ = server.stop(handover::Signal::SIGTERM, WAIT);
     Ok((ready, old_exit))
 }

@@ -144,10 +144,10 @@ fn run() -> Result<bool, String> {
     let elapsed = started.elapsed();
     drop(ticker);
     server
-        .signal(current.pid, libc::SIGTERM)
+        .signal(current.pid, handover::Signal::SIGTERM)
         .map_err(|e| e.to_string())?;
     let final_exit = server.wait_exit(current.pid, WAIT).ok();
-    let _ = server.stop(libc::SIGTERM, WAIT);
+    let _ = server.stop(handover::Signal::SIGTERM, WAIT);
     Ok(print_table(&reports, &outcomes, elapsed, final_exit))
 }
 
@@ -160,7 +160,7 @@ fn good_upgrade(
 ) -> Result<(Outcome, Option<handover::testkit::Ready>), String> {
     let trigger = Instant::now();
     server
-        .signal(current.pid, libc::SIGHUP)
+        .signal(current.pid, handover::Signal::SIGHUP)
         .map_err(|e| e.to_string())?;
     let next = match server.wait_ready(current.generation + 1, WAIT) {
         Ok(next) => next,
@@ -219,7 +219,7 @@ fn bad_upgrade(
         .matches("upgrade failed; this generation keeps serving")
         .count();
     server
-        .signal(current.pid, libc::SIGHUP)
+        .signal(current.pid, handover::Signal::SIGHUP)
         .map_err(|e| e.to_string())?;
     let result = server.wait_stderr(
         "upgrade failed; this generation keeps serving",

@@ -7,7 +7,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::signal::unix::SignalKind;
+use crate::Signal;
 
 use super::load::{Failures, Load, LoadConfig, Mode, Report};
 use super::server::{Exit, ProcStat, Server};
@@ -64,7 +64,7 @@ pub struct UpgradeCheck {
     /// Request target. Default `/`.
     pub path: String,
     /// The upgrade signal. Default SIGHUP.
-    pub signal: SignalKind,
+    pub signal: Signal,
     /// Who gets it. Default [`Target::Latest`].
     pub target: Target,
     /// Budget of the first generation to become ready. Default 30 s.
@@ -97,7 +97,7 @@ impl UpgradeCheck {
             readiness: Readiness::ReadyLine,
             addr: None,
             path: "/".to_string(),
-            signal: SignalKind::hangup(),
+            signal: Signal::SIGHUP,
             target: Target::Latest,
             start_timeout: Duration::from_secs(30),
             upgrade_timeout: Duration::from_secs(60),
@@ -134,7 +134,7 @@ impl UpgradeCheck {
     }
 
     /// Sets the upgrade signal.
-    pub fn signal(mut self, signal: SignalKind) -> UpgradeCheck {
+    pub fn signal(mut self, signal: Signal) -> UpgradeCheck {
         self.signal = signal;
         self
     }
@@ -493,9 +493,9 @@ fn final_stop(server: &Server, check: &UpgradeCheck) -> Option<Exit> {
         (Readiness::ReadyLine, Target::Latest) => server.latest_ready().map(|r| r.pid)?,
         (Readiness::Connect, Target::Latest) => server.members().last().map(|p| p.pid)?,
     };
-    server.signal(pid, libc::SIGTERM).ok()?;
+    server.signal(pid, crate::Signal::SIGTERM).ok()?;
     let exit = server.wait_exit(pid, check.exit_timeout).ok();
-    let _ = server.stop(libc::SIGTERM, check.exit_timeout);
+    let _ = server.stop(crate::Signal::SIGTERM, check.exit_timeout);
     exit
 }
 
@@ -539,10 +539,6 @@ fn wait_more_ok(loads: &[(Mode, Load)], n: u64, timeout: Duration) -> Result<(),
     })
 }
 
-fn signal_number(signal: SignalKind) -> i32 {
-    signal.as_raw_value()
-}
-
 fn upgrade_by_ready_line(server: &Server, check: &UpgradeCheck, number: u32) -> UpgradeOutcome {
     let current = server.latest_ready();
     let generation = current.as_ref().map_or(1, |r| r.generation);
@@ -553,7 +549,7 @@ fn upgrade_by_ready_line(server: &Server, check: &UpgradeCheck, number: u32) -> 
     };
     let mut outcome = UpgradeOutcome::pending(number, signalled, old_pid);
     let trigger = Instant::now();
-    if let Err(e) = server.signal(signalled, signal_number(check.signal)) {
+    if let Err(e) = server.signal(signalled, check.signal) {
         outcome.error = Some(e.to_string());
         return outcome;
     }
@@ -606,7 +602,7 @@ fn upgrade_by_processes(server: &Server, check: &UpgradeCheck, number: u32) -> U
     let mut outcome = UpgradeOutcome::pending(number, signalled, None);
     let same = |a: &ProcStat, b: &ProcStat| a.pid == b.pid && a.start_time == b.start_time;
     let trigger = Instant::now();
-    if let Err(e) = server.signal(signalled, signal_number(check.signal)) {
+    if let Err(e) = server.signal(signalled, check.signal) {
         outcome.error = Some(e.to_string());
         return outcome;
     }

@@ -35,8 +35,8 @@ pub enum Error {
     Signal {
         /// The target process.
         pid: i32,
-        /// The signal number.
-        signal: i32,
+        /// The signal.
+        signal: crate::Signal,
         /// What `kill(2)` said.
         source: io::Error,
     },

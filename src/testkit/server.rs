@@ -117,7 +117,7 @@ pub enum Exit {
     /// Exited with this code.
     Code(i32),
     /// Killed by this signal number.
-    Signal(i32),
+    Signal(Signal),
     /// Gone, but reaped by a process other than this one (its parent was still alive), so the
     /// status is unknown.
     ReapedElsewhere,
@@ -134,10 +134,7 @@ impl fmt::Display for Exit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Exit::Code(c) => write!(f, "exit code {c}"),
-            Exit::Signal(s) => match Signal::try_from(*s) {
-                Ok(sig) => write!(f, "killed by {sig}"),
-                Err(_) => write!(f, "killed by signal {s}"),
-            },
+            Exit::Signal(sig) => write!(f, "killed by {sig}"),
             Exit::ReapedElsewhere => f.write_str("reaped by another process (status unknown)"),
         }
     }
@@ -296,7 +293,7 @@ fn try_reap(pid: i32) -> Result<Option<Exit>, Errno> {
         Some(WaitPidFlag::WNOHANG | WaitPidFlag::__WALL),
     ) {
         Ok(WaitStatus::Exited(_, code)) => Ok(Some(Exit::Code(code))),
-        Ok(WaitStatus::Signaled(_, sig, _)) => Ok(Some(Exit::Signal(sig as i32))),
+        Ok(WaitStatus::Signaled(_, sig, _)) => Ok(Some(Exit::Signal(sig))),
         Ok(_) => Ok(None),
         Err(e) => Err(e),
     }
@@ -739,18 +736,17 @@ impl Server {
         out
     }
 
-    /// Sends `signal` (a signal number, e.g. `libc::SIGHUP`) to `pid`.
+    /// Sends `signal` (e.g. `Signal::SIGHUP`) to `pid`.
     ///
     /// # Errors
-    /// [`Error::Signal`] if the number is not a signal or `kill(2)` fails.
-    pub fn signal(&self, pid: i32, signal: i32) -> Result<(), Error> {
+    /// [`Error::Signal`] if `kill(2)` fails.
+    pub fn signal(&self, pid: i32, signal: Signal) -> Result<(), Error> {
         let err = |e: Errno| Error::Signal {
             pid,
             signal,
             source: io::Error::from_raw_os_error(e as i32),
         };
-        let sig = Signal::try_from(signal).map_err(err)?;
-        kill(Pid::from_raw(pid), sig).map_err(err)
+        kill(Pid::from_raw(pid), signal).map_err(err)
     }
 
     /// Sends `signal` to the latest ready generation ([`Server::latest_ready`]), or to the
@@ -758,7 +754,7 @@ impl Server {
     ///
     /// # Errors
     /// As [`Server::signal`].
-    pub fn signal_latest(&self, signal: i32) -> Result<(), Error> {
+    pub fn signal_latest(&self, signal: Signal) -> Result<(), Error> {
         let pid = self.latest_ready().map_or(self.pid, |r| r.pid);
         self.signal(pid, signal)
     }
@@ -768,14 +764,13 @@ impl Server {
     /// # Errors
     /// [`Error::Signal`] (with the group id as `pid`) if the number is not a signal or
     /// `killpg(2)` fails.
-    pub fn signal_group(&self, signal: i32) -> Result<(), Error> {
+    pub fn signal_group(&self, signal: Signal) -> Result<(), Error> {
         let err = |e: Errno| Error::Signal {
             pid: self.pid,
             signal,
             source: io::Error::from_raw_os_error(e as i32),
         };
-        let sig = Signal::try_from(signal).map_err(err)?;
-        killpg(Pid::from_raw(self.pid), sig).map_err(err)
+        killpg(Pid::from_raw(self.pid), signal).map_err(err)
     }
 
     /// Waits for `pid` (the first process or a later generation) to exit, and reaps it if it
@@ -869,16 +864,14 @@ impl Server {
         members
     }
 
-    /// Stops everything: `signal` (a stop signal such as `libc::SIGTERM`) to every live
+    /// Stops everything: `signal` (a stop signal such as `Signal::SIGTERM`) to every live
     /// process of the group, a wait of up to `grace` for them to exit, then SIGKILL and
     /// reaping. Returns the exit of the first process.
     ///
     /// # Errors
     /// [`Error::Wait`] if processes are left after the SIGKILL too.
-    pub fn stop(&self, signal: i32, grace: Duration) -> Result<Exit, Error> {
-        if let Ok(sig) = Signal::try_from(signal) {
-            let _ = killpg(Pid::from_raw(self.pid), sig);
-        }
+    pub fn stop(&self, signal: Signal, grace: Duration) -> Result<Exit, Error> {
+        let _ = killpg(Pid::from_raw(self.pid), signal);
         let _ = poll_until("the process group to exit", grace, || {
             self.reap_ours();
             let members = self.members();

@@ -81,10 +81,7 @@ impl From<testkit::Exit> for Exit {
     fn from(exit: testkit::Exit) -> Exit {
         match exit {
             testkit::Exit::Code(c) => Exit::Code(c),
-            testkit::Exit::Signal(s) => match Signal::try_from(s) {
-                Ok(sig) => Exit::Signal(sig),
-                Err(_) => panic!("killed by signal {s}, which nix does not know"),
-            },
+            testkit::Exit::Signal(sig) => Exit::Signal(sig),
             testkit::Exit::ReapedElsewhere => Exit::ReapedElsewhere,
             other => panic!("an exit the harness does not know: {other}"),
         }
@@ -270,7 +267,7 @@ impl ServerProcess {
 
     /// Sends `sig` to the latest ready generation (the first process if none is ready yet).
     pub fn signal_latest(&self, sig: Signal) -> Result<(), String> {
-        self.0.signal_latest(sig as i32).map_err(|e| e.to_string())
+        self.0.signal_latest(sig).map_err(|e| e.to_string())
     }
 
     /// Waits until stderr contains `needle`. Stdout and stderr are read by
@@ -305,14 +302,12 @@ impl ServerProcess {
 
     /// Sends `sig` to `pid` (any generation).
     pub fn signal_pid(&self, pid: Pid, sig: Signal) -> Result<(), String> {
-        self.0
-            .signal(pid.as_raw(), sig as i32)
-            .map_err(|e| e.to_string())
+        self.0.signal(pid.as_raw(), sig).map_err(|e| e.to_string())
     }
 
     /// Sends `sig` to the whole process group.
     pub fn signal_group(&self, sig: Signal) -> Result<(), String> {
-        self.0.signal_group(sig as i32).map_err(|e| e.to_string())
+        self.0.signal_group(sig).map_err(|e| e.to_string())
     }
 
     /// Waits for `pid` (the first process, or a later generation) to exit, and reaps it if it
