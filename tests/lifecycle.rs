@@ -144,6 +144,11 @@ fn programmatic_upgrade_returns_its_outcome() {
         "{body}"
     );
 
+    // Generation 1 must have stopped accepting, or it could take the next
+    // request from the shared queue (and refuse it: it is stopping).
+    server
+        .wait_stderr("no longer accepting", WAIT)
+        .unwrap_or_else(|e| panic!("{e}"));
     deploy(&exe, Deploy::Missing);
     let (status, body) = post(gen2.addr, "/upgrade");
     assert_eq!(status, 500, "{body}");
