@@ -30,24 +30,15 @@ pub(crate) fn install_stop(handover: &Handover, installed: &Installed) -> Result
     if installed.stop.swap(true, Ordering::SeqCst) {
         return Ok(());
     }
-    let result = (|| {
-        for &sig in &handover.inner.options.stop_signals {
-            let mut stream =
-                signal(kind(sig)).map_err(|e| Error::io("installing a stop signal handler", e))?;
-            let h = handover.clone();
-            tokio::spawn(async move {
-                while stream.recv().await.is_some() {
-                    info!(
-                        generation = h.generation(),
-                        signal = sig.as_str(),
-                        "stop signal received"
-                    );
-                    h.shutdown();
-                }
-            });
-        }
-        Ok(())
-    })();
+    let result = handover
+        .inner
+        .options
+        .stop_signals
+        .iter()
+        .try_for_each(|&sig| {
+            on_each(handover, sig, "stop", Handover::shutdown)
+                .map_err(|e| Error::io("installing a stop signal handler", e))
+        });
     if result.is_err() {
         installed.stop.store(false, Ordering::SeqCst);
     }
@@ -64,26 +55,39 @@ pub(crate) fn install_upgrade(handover: &Handover, installed: &Installed) -> Res
     if installed.upgrade.swap(true, Ordering::SeqCst) {
         return Ok(());
     }
-    let mut stream = match signal(kind(sig)) {
-        Ok(stream) => stream,
-        Err(e) => {
-            installed.upgrade.store(false, Ordering::SeqCst);
-            return Err(Error::io("installing the upgrade signal handler", e));
+    let upgrade = |h: &Handover| {
+        if h.is_supervised() {
+            warn!("upgrade signal ignored: the handover supervisor owns upgrades");
+        } else {
+            h.spawn_upgrade();
         }
     };
+    if let Err(e) = on_each(handover, sig, "upgrade", upgrade) {
+        installed.upgrade.store(false, Ordering::SeqCst);
+        return Err(Error::io("installing the upgrade signal handler", e));
+    }
+    Ok(())
+}
+
+/// Runs `action` at each delivery of `sig`, in a task of its own, logging
+/// each one as a `what` signal.
+fn on_each(
+    handover: &Handover,
+    sig: Signal,
+    what: &'static str,
+    action: impl Fn(&Handover) + Send + 'static,
+) -> std::io::Result<()> {
+    let mut stream = signal(kind(sig))?;
     let h = handover.clone();
     tokio::spawn(async move {
         while stream.recv().await.is_some() {
             info!(
                 generation = h.generation(),
                 signal = sig.as_str(),
-                "upgrade signal received"
+                kind = what,
+                "signal received"
             );
-            if h.is_supervised() {
-                warn!("upgrade signal ignored: the handover supervisor owns upgrades");
-                continue;
-            }
-            h.spawn_upgrade();
+            action(&h);
         }
     });
     Ok(())
