@@ -63,8 +63,16 @@ fn bad_input_is_a_one_line_error_naming_the_option_and_exit_2() {
         (&["--drain-timeout", "1.5s"], "--drain-timeout"),
         (&["--shutdown-delay", "soon"], "--shutdown-delay"),
         (&["--stop-signal", "NOPE"], "--stop-signal"),
+        (&["--stop-signal", "KILL"], "--stop-signal"),
+        (&["--stop-signal", "9"], "--stop-signal"),
+        (&["--failed-drain-timeout", "2"], "--failed-drain-timeout"),
+        (&["--pid-file", ""], "--pid-file"),
+        (&["--pid-file", "/tmp/dir/"], "--pid-file"),
         (&["--restart", "always"], "--restart"),
         (&["--max-draining", "0"], "--max-draining"),
+        (&["--max-draining", "1001"], "--max-draining"),
+        (&["--backlog", "0"], "--backlog"),
+        (&["--backlog", "2147483648"], "--backlog"),
         (&["--backlog", "-1"], "--backlog"),
         (&["--bogus"], "--bogus"),
     ];
@@ -93,8 +101,6 @@ fn bad_input_is_a_one_line_error_naming_the_option_and_exit_2() {
         (&["upgrade", "--timeout", "x"][..], "--timeout"),
         (&["upgrade", "now"][..], "upgrade"),
         (&["status", "--timeout", "1s"][..], "--timeout"),
-        (&["bogus"][..], "handover"),
-        (&[][..], "handover"),
     ] {
         let out = handover_with(&dir, args);
         assert_eq!(out.code, Some(2), "{args:?}: {out:?}");
@@ -102,6 +108,59 @@ fn bad_input_is_a_one_line_error_naming_the_option_and_exit_2() {
         assert!(
             out.stderr.starts_with(&format!("handover: {option}: ")),
             "{args:?}: {out:?}"
+        );
+    }
+    // A missing or unknown subcommand: one prefix, not "handover: handover:".
+    for (args, problem) in [
+        (&["bogus"][..], "unknown subcommand \"bogus\""),
+        (&[""][..], "unknown subcommand \"\""),
+        (&[][..], "missing subcommand"),
+    ] {
+        let out = handover_with(&dir, args);
+        assert_eq!(out.code, Some(2), "{args:?}: {out:?}");
+        assert_eq!(out.stderr.lines().count(), 1, "{args:?}: {out:?}");
+        assert!(
+            out.stderr.starts_with(&format!("handover: {problem}")),
+            "{args:?}: {out:?}"
+        );
+    }
+}
+
+#[test]
+fn errors_say_the_real_limits() {
+    let dir = TempDir::new("limits");
+    let control = dir.join("control.sock");
+    let control = control.to_str().expect("utf-8 path");
+    for (options, says) in [
+        (
+            &["--max-draining", "0"][..],
+            "--max-draining: \"0\" is not a whole number from 1 to 1000",
+        ),
+        (
+            &["--max-draining", "5000"][..],
+            "--max-draining: \"5000\" is not a whole number from 1 to 1000",
+        ),
+        (
+            &["--backlog", "99999999999"][..],
+            "--backlog: \"99999999999\" is not a whole number from 1 to 2147483647",
+        ),
+        (
+            &["--stop-signal", "KILL"][..],
+            "--stop-signal: SIGKILL cannot be the stop signal: a generation must be able to drain",
+        ),
+        (
+            &["--stop-signal", "SIGKILL"][..],
+            "--stop-signal: SIGKILL cannot be the stop signal",
+        ),
+    ] {
+        let mut args = vec!["run", "--control", control];
+        args.extend_from_slice(options);
+        args.extend_from_slice(&["--", "true"]);
+        let out = handover_with(&dir, &args);
+        assert_eq!(out.code, Some(2), "{options:?}: {out:?}");
+        assert!(
+            out.stderr.starts_with(&format!("handover: {says}")),
+            "{options:?}: {out:?}"
         );
     }
 }
@@ -198,6 +257,10 @@ fn help_states_the_defaults() {
         "(default TERM)",
         "(default 0s)",
         "(default on-failure)",
+        "--failed-drain-timeout DUR",
+        "(default: the --drain-timeout value)",
+        "--pid-file PATH",
+        "the 6th quick crash in a row",
         "/run/handover/control.sock",
     ] {
         assert!(

@@ -427,3 +427,105 @@ fn upgrades_wait_for_a_draining_slot() {
     sv.signal(Signal::SIGTERM);
     assert_eq!(sv.wait_exit(T), Exit::Code(128 + 9), "{}", sv.server.dump());
 }
+
+/// S4 "never ready" under load, with requests in flight on the failed candidate: it took
+/// connections from the shared socket (an app that cannot be told "not yet" serves as soon as
+/// it starts), so it must drain them before it goes, not be SIGKILLed with them.
+#[test]
+fn a_never_ready_candidate_drains_under_load_before_it_is_killed() {
+    let dir = TempDir::new("never-ready");
+    let server = http_server();
+    let sv = Supervised::start(
+        Tier::Subreaper,
+        &dir,
+        &[
+            "--listen",
+            "http=tcp://127.0.0.1:0",
+            // Generation 1 is ready at once; every later one never is.
+            "--ready",
+            "exec:test \"$HANDOVER_GENERATION\" = 1",
+            "--ready-timeout",
+            "1s",
+            // --failed-drain-timeout defaults to it.
+            "--drain-timeout",
+            "20s",
+        ],
+        &[
+            server.as_os_str(),
+            OsStr::new("--listen"),
+            OsStr::new("127.0.0.1:0"),
+        ],
+    );
+    let first = sv.server.wait_ready(1);
+    wait_stderr(&sv, "generation ready generation=1", T);
+    let fast = Load::start(
+        LoadConfig::new(first.addr, Mode::PerRequest { concurrency: 4 })
+            .max_duration(Duration::from_secs(90)),
+    );
+    let slow = Load::start(
+        LoadConfig::new(first.addr, Mode::PerRequest { concurrency: 8 })
+            .path("/slow?ms=400")
+            .max_duration(Duration::from_secs(90)),
+    );
+    fast.wait_for_ok(50, T).expect("load flowing");
+    slow.wait_for_ok(8, T).expect("slow load flowing");
+
+    let out = sv.upgrade();
+    assert_eq!(out.code, Some(1), "{out:?}\n{}", sv.server.dump());
+    let second = sv.server.wait_ready(2);
+    // Reaped before the outcome.
+    assert_reaped(&sv, Some(second.pid.as_raw()));
+    fast.wait_for_more_ok(50, T)
+        .expect("generation 1 keeps serving");
+    slow.wait_for_more_ok(8, T)
+        .expect("generation 1 keeps serving");
+    let fast = fast.stop();
+    let slow = slow.stop();
+    eprintln!("fast:\n{fast}\nslow:\n{slow}");
+    fast.assert_no_failures();
+    slow.assert_no_failures();
+    let by_second = |r: &common::load::Report| {
+        r.ok_matching(|b| b.starts_with(&format!("pid={} ", second.pid)))
+    };
+    assert!(
+        by_second(&fast) + by_second(&slow) > 0,
+        "generation 2 served nothing: the test proves nothing\n{fast}\n{slow}"
+    );
+
+    let last = out.stdout.lines().last().unwrap_or_default().to_string();
+    assert!(
+        last.starts_with(&format!(
+            "failed: generation 2 (pid {}) was not ready within 1s (--ready-timeout)",
+            second.pid
+        )),
+        "{out:?}"
+    );
+    assert!(
+        out.stdout.contains(&format!(
+            "step: stopping generation 2 (pid {}) with SIGTERM, SIGKILL in 20s",
+            second.pid
+        )),
+        "{out:?}"
+    );
+    // The candidate was told to stop, drained, and exited by itself: no SIGKILL.
+    let log = sv.server.stderr();
+    let failing = log
+        .find("upgrade failing: stopping the new generation generation=2")
+        .unwrap_or_else(|| panic!("{log}"));
+    let own = log
+        .find(&format!(
+            "final stop requested generation=2 pid={}",
+            second.pid
+        ))
+        .unwrap_or_else(|| panic!("generation 2 never saw the stop signal:\n{log}"));
+    let reaped = log
+        .find(&format!(
+            "failed generation reaped generation=2 pid={} status=\"exited with status 0\"",
+            second.pid
+        ))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(failing < own && own < reaped, "{log}");
+    assert!(!log.contains("SIGKILL"), "{log}");
+    sv.signal(Signal::SIGTERM);
+    assert_eq!(sv.wait_exit(T), Exit::Code(0), "{}", sv.server.dump());
+}

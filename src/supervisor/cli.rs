@@ -49,19 +49,31 @@ Options:
                            delay:DUR    a fixed time after it started
   --ready-timeout DUR    readiness deadline of a new generation (default 60s)
   --drain-timeout DUR    time between the stop signal and SIGKILL (default 30s)
-  --stop-signal SIG      signal that tells a generation to drain and exit (default TERM)
+  --failed-drain-timeout DUR
+                         the same for a new generation whose upgrade failed while
+                         it runs (not ready in time, or a stop during the upgrade):
+                         it gets the stop signal to finish the requests it took,
+                         then SIGKILL (default: the --drain-timeout value)
+  --stop-signal SIG      signal that tells a generation to drain and exit; not KILL
+                         or STOP: a generation must be able to drain (default TERM)
   --shutdown-delay DUR   on SIGTERM/SIGINT keep serving this long first, while load
                          balancers deregister the endpoint (default 0s)
   --restart POLICY       on-failure: restart a generation that fails unasked, with
-                         back-off, giving up after 5 quick crashes in a row;
-                         never: exit with its status (default on-failure)
+                         back-off; after 5 restarts, the 6th quick crash in a row
+                         gives up; never: exit with its status (default on-failure)
   --control PATH         control socket for `handover upgrade` and `status`
                          (default: /run/handover/control.sock as root,
                          $XDG_RUNTIME_DIR/handover/control.sock or
                          /tmp/handover-<uid>/control.sock otherwise)
-  --max-draining N       old generations allowed to drain at once; an upgrade
-                         beyond waits for one to exit (default 8)
-  --backlog N            listen(2) backlog of stream listeners (default 1024)
+  --pid-file PATH        keep the pid of the current generation (the app, not the
+                         supervisor) in PATH, replaced atomically when an upgrade
+                         succeeds or a crash restarts it, removed on exit. Upgrades
+                         are triggered by `kill -HUP` of the supervisor's own pid, or
+                         by `handover upgrade`
+  --max-draining N       old generations allowed to drain at once, 1 to 1000; an
+                         upgrade beyond waits for one to exit (default 8)
+  --backlog N            listen(2) backlog of stream listeners, 1 to 2147483647
+                         (the kernel caps it at net.core.somaxconn) (default 1024)
   -h, --help             this help
 
 Durations: 500ms, 30s, 2m, 1h. Signals: TERM, SIGTERM or 15.
@@ -115,6 +127,8 @@ pub struct RunConfig {
     pub ready_timeout: Duration,
     /// Time between the stop signal and SIGKILL.
     pub drain_timeout: Duration,
+    /// The same, for a new generation whose upgrade failed while it runs.
+    pub failed_drain_timeout: Duration,
     /// Signal that tells a generation to drain and exit.
     pub stop_signal: Signal,
     /// On SIGTERM/SIGINT, keep serving this long before stopping.
@@ -123,6 +137,8 @@ pub struct RunConfig {
     pub restart: RestartPolicy,
     /// Path of the control socket.
     pub control: PathBuf,
+    /// Where to keep the pid of the current generation.
+    pub pid_file: Option<PathBuf>,
     /// Old generations allowed to drain at once.
     pub max_draining: usize,
     /// `listen(2)` backlog of stream listeners.
@@ -215,7 +231,8 @@ pub struct ClientConfig {
 /// A malformed command line: which option, and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageError {
-    /// The option (`--listen`), or the subcommand for other mistakes.
+    /// The option (`--listen`), the subcommand for other mistakes, or empty
+    /// when the subcommand itself is missing or unknown.
     pub option: String,
     /// What is wrong, with the offending value.
     pub problem: String,
@@ -232,7 +249,11 @@ impl UsageError {
 
 impl fmt::Display for UsageError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.option, self.problem)
+        if self.option.is_empty() {
+            f.write_str(&self.problem)
+        } else {
+            write!(f, "{}: {}", self.option, self.problem)
+        }
     }
 }
 
@@ -248,6 +269,9 @@ pub const DEFAULT_CLIENT_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEFAULT_MAX_DRAINING: usize = 8;
 /// Default of `--backlog`.
 pub const DEFAULT_BACKLOG: i32 = 1024;
+/// Largest `--max-draining`: each draining generation is a process with
+/// every socket open; more than this is a leak, not a policy.
+pub const MAX_MAX_DRAINING: usize = 1000;
 
 /// The default control socket path: `/run/handover/control.sock` for root
 /// (`/tmp/handover-0/control.sock` when there is no `/run`),
@@ -329,6 +353,11 @@ pub fn parse_signal(text: &str) -> Result<Signal, String> {
         name.parse::<Signal>().ok()
     };
     match signal {
+        Some(Signal::SIGKILL) => Err(
+            "SIGKILL cannot be the stop signal: a generation must be able to drain \
+             (SIGKILL follows anyway after --drain-timeout)"
+                .to_owned(),
+        ),
         Some(Signal::SIGSTOP) => Err("SIGSTOP does not stop a process for good".to_owned()),
         Some(Signal::SIGCHLD) => Err("SIGCHLD is not a stop signal".to_owned()),
         Some(s) => Ok(s),
@@ -546,6 +575,34 @@ fn control_path(value: OsString) -> Result<PathBuf, UsageError> {
     Ok(path)
 }
 
+/// An absolute path for a file option (`--pid-file`).
+fn file_path(option: &str, value: OsString) -> Result<PathBuf, UsageError> {
+    if value.is_empty() {
+        return Err(UsageError::new(option, "the path is empty"));
+    }
+    if value.as_bytes().ends_with(b"/") {
+        return Err(UsageError::new(
+            option,
+            format!("{value:?} names a directory, not a file"),
+        ));
+    }
+    Ok(absolute(PathBuf::from(value)))
+}
+
+/// Parses a whole number in `min..=max`; the error states the range.
+fn number_in<T>(option: &str, text: &str, min: T, max: T) -> Result<T, UsageError>
+where
+    T: std::str::FromStr + PartialOrd + fmt::Display + Copy,
+{
+    match text.parse::<T>() {
+        Ok(n) if n >= min && n <= max => Ok(n),
+        _ => Err(UsageError::new(
+            option,
+            format!("{text:?} is not a whole number from {min} to {max}"),
+        )),
+    }
+}
+
 type SubcommandParser = fn(&mut Args) -> Result<Command, UsageError>;
 
 /// Parses the arguments after the program name.
@@ -556,7 +613,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, UsageE
     let mut args: Vec<OsString> = args.into_iter().collect();
     if args.is_empty() {
         return Err(UsageError::new(
-            "handover",
+            "",
             "missing subcommand: run, upgrade or status (see `handover --help`)",
         ));
     }
@@ -570,7 +627,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, UsageE
         "--version" | "-V" | "version" => return Ok(Command::Version),
         other => {
             return Err(UsageError::new(
-                "handover",
+                "",
                 format!("unknown subcommand {other:?} (use run, upgrade or status)"),
             ))
         }
@@ -587,6 +644,8 @@ fn parse_run(args: &mut Args) -> Result<Command, UsageError> {
     let mut ready = ReadyMode::Notify;
     let mut ready_timeout = DEFAULT_READY_TIMEOUT;
     let mut drain_timeout = DEFAULT_DRAIN_TIMEOUT;
+    let mut failed_drain_timeout = None;
+    let mut pid_file = None;
     let mut stop_signal = Signal::SIGTERM;
     let mut shutdown_delay = Duration::ZERO;
     let mut restart = RestartPolicy::OnFailure;
@@ -628,6 +687,10 @@ fn parse_run(args: &mut Args) -> Result<Command, UsageError> {
                 }
             }
             "--drain-timeout" => drain_timeout = duration(o, args.text(o, inline)?)?,
+            "--failed-drain-timeout" => {
+                failed_drain_timeout = Some(duration(o, args.text(o, inline)?)?)
+            }
+            "--pid-file" => pid_file = Some(file_path(o, args.value(o, inline)?)?),
             "--shutdown-delay" => shutdown_delay = duration(o, args.text(o, inline)?)?,
             "--stop-signal" => {
                 let text = args.text(o, inline)?;
@@ -648,17 +711,11 @@ fn parse_run(args: &mut Args) -> Result<Command, UsageError> {
             "--control" => control = Some(control_path(args.value(o, inline)?)?),
             "--max-draining" => {
                 let text = args.text(o, inline)?;
-                max_draining =
-                    text.parse().ok().filter(|n| *n >= 1).ok_or_else(|| {
-                        UsageError::new(o, format!("{text:?} is not a number >= 1"))
-                    })?;
+                max_draining = number_in(o, &text, 1, MAX_MAX_DRAINING)?;
             }
             "--backlog" => {
                 let text = args.text(o, inline)?;
-                backlog =
-                    text.parse().ok().filter(|n| *n >= 1).ok_or_else(|| {
-                        UsageError::new(o, format!("{text:?} is not a number >= 1"))
-                    })?;
+                backlog = number_in(o, &text, 1, i32::MAX)?;
             }
             "--debug-no-reap" => {
                 args.no_value(o, &inline)?;
@@ -700,10 +757,12 @@ fn parse_run(args: &mut Args) -> Result<Command, UsageError> {
         ready,
         ready_timeout,
         drain_timeout,
+        failed_drain_timeout: failed_drain_timeout.unwrap_or(drain_timeout),
         stop_signal,
         shutdown_delay,
         restart,
         control: control.unwrap_or_else(default_control_path),
+        pid_file,
         max_draining,
         backlog,
         command,
@@ -1021,8 +1080,9 @@ mod tests {
             (&["upgrade", "--json"][..], "--json"),
             (&["upgrade", "extra"][..], "upgrade"),
             (&["status", "--timeout", "1s"][..], "--timeout"),
-            (&["bogus"][..], "handover"),
-            (&[][..], "handover"),
+            (&["bogus"][..], ""),
+            (&[][..], ""),
+            (&[""][..], ""),
         ] {
             let e = err(args);
             assert_eq!(e.option, option, "{args:?}: {e}");

@@ -31,6 +31,13 @@ pub enum Error {
         /// Its path.
         path: PathBuf,
     },
+    /// The directory of `--pid-file` is not usable.
+    PidFile {
+        /// The `--pid-file` path.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
     /// The first generation could not be started (fork or exec failed).
     Spawn {
         /// The command.
@@ -92,6 +99,7 @@ impl fmt::Display for Error {
                 path.display()
             ),
             Error::Spawn { command, .. } => write!(f, "cannot start {command}"),
+            Error::PidFile { path, .. } => write!(f, "--pid-file {}", path.display()),
             Error::Io { operation, .. } => write!(f, "{operation} failed"),
         }
     }
@@ -106,6 +114,7 @@ impl std::error::Error for Error {
                 ..
             } => Some(source),
             Error::Spawn { source, .. } | Error::Io { source, .. } => Some(source),
+            Error::PidFile { source, .. } => Some(source),
             _ => None,
         }
     }

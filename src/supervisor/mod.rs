@@ -9,6 +9,7 @@ pub mod cli;
 mod control;
 mod error;
 mod log;
+mod pidfile;
 mod signals;
 mod spawn;
 mod status;

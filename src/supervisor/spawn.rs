@@ -80,7 +80,9 @@ impl Spawner {
     }
 
     /// Starts `sh -c CMD` for `--ready exec:CMD`, with `HANDOVER_PID` and
-    /// `HANDOVER_GENERATION` naming the generation it probes; no sockets.
+    /// `HANDOVER_GENERATION` naming the generation it probes; no sockets. It
+    /// leads a process group of its own (its pid is the group's id), so that
+    /// it can be killed with everything it started.
     pub(crate) fn probe(&self, command: &str, pid: i32, generation: u64) -> io::Result<i32> {
         let pid_text = pid.to_string();
         let generation_text = generation.to_string();
@@ -102,7 +104,8 @@ impl Spawner {
             env,
             false,
             None,
-        )?;
+        )?
+        .in_new_process_group();
         sys::spawn(exec, &[])
     }
 }

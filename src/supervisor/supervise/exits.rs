@@ -38,6 +38,11 @@ impl Supervisor {
 
     pub(super) fn on_exit(&mut self, pid: i32, status: WaitStatus) {
         if let Some(number) = self.probes.remove(&pid) {
+            // Whatever the probe started in its group goes with it: its
+            // answer is in.
+            if let Err(e) = sys::signal_group(pid, Signal::SIGKILL) {
+                debug!(generation = number, probe = pid, error = %e, "cannot kill the probe's group");
+            }
             self.on_probe_exit(number, pid, status);
             return;
         }
@@ -51,7 +56,7 @@ impl Supervisor {
         let code = exit_code(status);
         let ran = gen.started.elapsed();
         if let Some(probe) = gen.probe_pid {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(probe), Signal::SIGKILL);
+            kill_probe_group(number, probe, "the generation has exited");
         }
         let was_current = self.current == Some(number);
         if was_current {
@@ -74,8 +79,15 @@ impl Supervisor {
                 );
                 self.finish_upgrade_failure(reason, Some(pid));
             }
-            Role::Killed => {
-                info!(generation = number, pid, status = %describe(status), "failed generation reaped");
+            Role::Failed => {
+                info!(
+                    generation = number,
+                    pid,
+                    status = %describe(status),
+                    stopped_after_ms = gen.stop_sent_at.map_or(0, |t| t.elapsed().as_millis() as u64),
+                    "failed generation reaped"
+                );
+                self.kill_leftovers(number, pid, &gen.leftovers);
                 let reason = self
                     .upgrade
                     .as_mut()
@@ -146,9 +158,10 @@ impl Supervisor {
             self.crashes = 0;
         }
         self.crashes += 1;
-        if self.crashes > CRASH_LOOP_LIMIT {
+        if self.crashes > RESTART_LIMIT {
             error!(
-                crashes = self.crashes - 1,
+                crashes = self.crashes,
+                restarts = RESTART_LIMIT,
                 status = %describe(status),
                 "crash loop: the app keeps failing soon after it starts; giving up"
             );
@@ -163,7 +176,8 @@ impl Supervisor {
             ran_ms = ran.as_millis() as u64,
             restart_in = %format_duration(delay),
             crash = self.crashes,
-            limit = CRASH_LOOP_LIMIT,
+            restart = self.crashes,
+            max_restarts = RESTART_LIMIT,
             "the app failed; restarting it (the sockets stay open)"
         );
         self.phase = Phase::Restarting {
@@ -182,6 +196,7 @@ impl Supervisor {
             Ok(pid) => {
                 self.current = Some(number);
                 self.restarts += 1;
+                self.write_pid_file();
                 info!(
                     generation = number,
                     pid,
@@ -283,7 +298,7 @@ impl Supervisor {
             if self
                 .gens
                 .get(&number)
-                .is_some_and(|g| g.role != Role::Killed)
+                .is_some_and(|g| g.role != Role::Failed)
             {
                 self.stop_generation(number);
             }

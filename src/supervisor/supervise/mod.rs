@@ -10,8 +10,13 @@
 //! - **current**: the one serving (also while it drains on a final stop);
 //! - **candidate**: the next one, started by an upgrade, not ready yet;
 //! - **draining**: told to stop after an upgrade, SIGKILL at its deadline;
-//! - **killed**: a failed candidate, killed, waiting to be reaped before the
-//!   upgrade's failure is reported.
+//! - **failed**: a candidate whose upgrade failed while it runs: told to stop
+//!   so that it finishes the requests it took, SIGKILL (with everything it
+//!   started) at `--failed-drain-timeout`; the failure is reported once it is
+//!   reaped.
+//!
+//! Readiness probes (`--ready exec:`) run in a process group of their own,
+//! killed as a whole as soon as their answer no longer matters.
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::{AsFd, BorrowedFd};
@@ -27,13 +32,14 @@ use tracing::{debug, error, info, warn};
 use super::cli::{format_duration, ListenAddress, ReadyMode, RestartPolicy, RunConfig};
 use super::control::{self, Request, Waiter};
 use super::error::Error;
+use super::pidfile::PidFile;
 use super::signals::{self, Signals};
 use super::spawn::{describe_command, Spawner};
 use super::status::{GenerationInfo, OutcomeInfo, Snapshot};
 use crate::listen::{BindOptions, Registry};
 use crate::{notify, protocol, sys};
 
-use self::tree::{descendants, in_tree_of};
+use self::tree::{descendants, descendants_with_start, in_tree_of, start_time};
 
 mod exits;
 mod readiness;
@@ -46,11 +52,14 @@ const PROBE_INTERVAL: Duration = Duration::from_millis(200);
 const RESTART_BACKOFF_FIRST: Duration = Duration::from_millis(100);
 /// Longest restart delay.
 const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// Quick crashes in a row after which the supervisor gives up.
-const CRASH_LOOP_LIMIT: u32 = 5;
+/// Restarts after quick crashes in a row; the next quick crash gives up.
+/// (`--help` and the README say the same.)
+const RESTART_LIMIT: u32 = 5;
 /// A generation that ran at least this long before crashing starts a new
 /// count of crashes in a row.
 const CRASH_RESET: Duration = Duration::from_secs(10);
+/// How often the processes of a failed, draining candidate are listed.
+const LEFTOVER_RESCAN: Duration = Duration::from_millis(100);
 /// How long an exiting supervisor lets control clients read their last line.
 const CLIENT_FLUSH: Duration = Duration::from_millis(500);
 
@@ -68,7 +77,7 @@ enum Role {
     Current,
     Candidate,
     Draining,
-    Killed,
+    Failed,
 }
 
 /// Aborts a task when dropped.
@@ -98,6 +107,11 @@ struct Generation {
     stop_sent_at: Option<Instant>,
     kill_at: Option<Instant>,
     killed: bool,
+    /// For a failed candidate: the processes it started, `(pid, start
+    /// time)`, rescanned at `rescan_at` while it drains, killed once it is
+    /// reaped (its orphans must not outlive a failed upgrade).
+    leftovers: Vec<(i32, u64)>,
+    rescan_at: Option<Instant>,
     /// Receives its notifications; dropping it closes the socket.
     _notify: AbortOnDrop,
 }
@@ -202,6 +216,8 @@ struct Supervisor {
     upgrades_failed: u64,
     /// Readiness probes: pid -> generation.
     probes: HashMap<i32, u64>,
+    /// `--pid-file`.
+    pid_file: Option<PidFile>,
     exit_code: Option<i32>,
 }
 
@@ -216,6 +232,14 @@ fn describe(status: WaitStatus) -> String {
     sys::describe(status)
 }
 
+/// SIGKILL to the process group of a readiness probe (it leads one).
+fn kill_probe_group(generation: u64, probe: i32, why: &str) {
+    match sys::signal_group(probe, Signal::SIGKILL) {
+        Ok(()) => debug!(generation, probe, why, "readiness command killed"),
+        Err(e) => warn!(generation, probe, error = %e, "cannot kill the readiness command"),
+    }
+}
+
 impl Supervisor {
     fn now() -> Instant {
         Instant::now()
@@ -227,6 +251,31 @@ impl Supervisor {
 
     fn gen_pid(&self, number: u64) -> Option<i32> {
         self.gens.get(&number).map(|g| g.pid)
+    }
+
+    /// Writes the pid of the current generation to `--pid-file`, if any.
+    fn write_pid_file(&mut self) {
+        let Some(pid) = self.current.and_then(|c| self.gen_pid(c)) else {
+            return;
+        };
+        let Some(file) = &mut self.pid_file else {
+            return;
+        };
+        match file.write(pid) {
+            Ok(()) => debug!(pid, path = %file.path().display(), "pid file written"),
+            Err(e) => {
+                warn!(pid, path = %file.path().display(), error = %e, "cannot write the pid file")
+            }
+        }
+    }
+
+    /// Removes `--pid-file` on the final exit.
+    fn remove_pid_file(&mut self) {
+        if let Some(file) = &mut self.pid_file {
+            if let Err(e) = file.remove() {
+                warn!(path = %file.path().display(), error = %e, "cannot remove the pid file");
+            }
+        }
     }
 
     fn draining_count(&self) -> usize {
@@ -282,6 +331,8 @@ impl Supervisor {
             stop_sent_at: None,
             kill_at: None,
             killed: false,
+            leftovers: Vec::new(),
+            rescan_at: None,
             _notify: AbortOnDrop(task),
         };
         match &self.cfg.ready {
@@ -341,8 +392,8 @@ impl Supervisor {
         gen.kill_at = Some(now + drain);
         gen.ready_deadline = None;
         gen.delay_ready_at = None;
-        gen.probe_at = None;
         let pid = gen.pid;
+        self.kill_probe(number, "the generation is stopping");
         info!(
             generation = number,
             pid,
@@ -353,13 +404,41 @@ impl Supervisor {
         self.send_signal(pid, signal);
     }
 
-    fn kill_probe(&mut self, number: u64) {
+    /// Stops the readiness probes of generation `number`: none is started
+    /// any more, and the running one is killed with its whole process group
+    /// (reaped later; its exit is then ignored).
+    fn kill_probe(&mut self, number: u64, why: &str) {
         if let Some(gen) = self.gens.get_mut(&number) {
             gen.probe_at = None;
             if let Some(probe) = gen.probe_pid.take() {
-                // Reaped later, as an orphan of no interest.
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(probe), Signal::SIGKILL);
+                kill_probe_group(number, probe, why);
             }
+        }
+    }
+
+    /// The processes a failed candidate left behind when its main process
+    /// ended: SIGKILL to each one still running (same pid and start time)
+    /// and to everything below it.
+    fn kill_leftovers(&self, number: u64, pid: i32, leftovers: &[(i32, u64)]) {
+        let mut killed = 0;
+        for &(p, started) in leftovers {
+            if start_time(p) != Some(started) {
+                continue;
+            }
+            for below in descendants(p) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(below), Signal::SIGKILL);
+                killed += 1;
+            }
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), Signal::SIGKILL);
+            killed += 1;
+        }
+        if killed > 0 {
+            info!(
+                generation = number,
+                pid,
+                processes = killed,
+                "killed what the failed generation left running"
+            );
         }
     }
 
@@ -404,6 +483,7 @@ impl Supervisor {
                     g.ready_at.is_none() && matches!(g.role, Role::Current | Role::Candidate);
                 [
                     g.kill_at.filter(|_| !g.killed),
+                    g.rescan_at.filter(|_| !g.killed),
                     g.ready_deadline.filter(|_| waiting),
                     g.delay_ready_at.filter(|_| waiting),
                     g.probe_at.filter(|_| waiting && g.probe_pid.is_none()),
@@ -424,9 +504,27 @@ impl Supervisor {
             if !gen.killed && gen.kill_at.is_some_and(|t| t <= now) {
                 gen.killed = true;
                 gen.kill_at = None;
+                gen.rescan_at = None;
                 let pid = gen.pid;
-                warn!(generation = number, pid, "drain timeout: SIGKILL");
+                if gen.role == Role::Failed {
+                    warn!(
+                        generation = number,
+                        pid, "failed generation still running at --failed-drain-timeout: SIGKILL"
+                    );
+                } else {
+                    warn!(generation = number, pid, "drain timeout: SIGKILL");
+                }
                 self.kill_tree(number, pid);
+                continue;
+            }
+            if !gen.killed && gen.rescan_at.is_some_and(|t| t <= now) {
+                let pid = gen.pid;
+                for found in descendants_with_start(pid) {
+                    if !gen.leftovers.contains(&found) {
+                        gen.leftovers.push(found);
+                    }
+                }
+                gen.rescan_at = Some(now + LEFTOVER_RESCAN);
                 continue;
             }
             let waiting =
@@ -448,7 +546,7 @@ impl Supervisor {
                     );
                     self.fail_upgrade(reason);
                 } else {
-                    gen.probe_at = None;
+                    self.kill_probe(number, "the ready timeout has passed");
                     warn!(
                         generation = number,
                         pid,
@@ -476,7 +574,8 @@ impl Supervisor {
 
     fn check_done(&mut self) {
         if let Phase::Stopping { code, .. } = self.phase {
-            if self.gens.is_empty() && self.upgrade.is_none() {
+            // Killed probes are reaped too: nothing we started outlives us.
+            if self.gens.is_empty() && self.upgrade.is_none() && self.probes.is_empty() {
                 self.exit_code = Some(code.unwrap_or(0));
             }
         }
@@ -553,6 +652,26 @@ impl Supervisor {
     }
 }
 
+/// Refuses a `--pid-file` whose directory does not exist, before anything
+/// is bound or started.
+fn check_pid_file_dir(path: &std::path::Path) -> Result<(), Error> {
+    let dir = path.parent().unwrap_or(std::path::Path::new("/"));
+    match std::fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(_) => Err(Error::PidFile {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{} is not a directory", dir.display()),
+            ),
+        }),
+        Err(source) => Err(Error::PidFile {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
 /// Binds every `--listen` socket. They are passed to children blocking, as
 /// systemd does by default: apps that want non-blocking sockets set it.
 fn bind_listeners(cfg: &RunConfig) -> Result<(Registry, Vec<(String, String)>), Error> {
@@ -618,6 +737,9 @@ pub(crate) fn run(cfg: RunConfig) -> Result<i32, Error> {
         .filter(|v| !v.is_empty())
         .map(str::to_owned);
     let env = crate::environment::inheritable();
+    if let Some(path) = &cfg.pid_file {
+        check_pid_file_dir(path)?;
+    }
     let (registry, listeners) = bind_listeners(&cfg)?;
     let control = match control::bind(&cfg.control) {
         Ok(control) => control,
@@ -677,6 +799,7 @@ pub(crate) fn run(cfg: RunConfig) -> Result<i32, Error> {
             upgrades_succeeded: 0,
             upgrades_failed: 0,
             probes: HashMap::new(),
+            pid_file: cfg.pid_file.clone().map(PidFile::new),
             exit_code: None,
             cfg,
         };
@@ -698,7 +821,10 @@ pub(crate) fn run(cfg: RunConfig) -> Result<i32, Error> {
             info!(name, address, "listening");
         }
         match sup.spawn_generation(1, Role::Current) {
-            Ok(_) => sup.current = Some(1),
+            Ok(_) => {
+                sup.current = Some(1);
+                sup.write_pid_file();
+            }
             Err(source) => {
                 sup.registry.unlink_unix_paths(false);
                 return Err(Error::Spawn {
@@ -715,6 +841,7 @@ pub(crate) fn run(cfg: RunConfig) -> Result<i32, Error> {
             if let Some(code) = sup.exit_code {
                 info!(code, "supervisor exiting");
                 sup.registry.unlink_unix_paths(false);
+                sup.remove_pid_file();
                 // Let control clients read their last line (an upgrade's
                 // outcome): every waiter is gone with `sup`, so their tasks
                 // end once written.
@@ -742,6 +869,10 @@ pub(crate) fn run(cfg: RunConfig) -> Result<i32, Error> {
                         for gen in sup.gens.values() {
                             sup.kill_tree(gen.number, gen.pid);
                         }
+                        for (&probe, &generation) in &sup.probes {
+                            kill_probe_group(generation, probe, "the supervisor is exiting");
+                        }
+                        sup.remove_pid_file();
                         return Err(Error::io("reading the signalfd", e));
                     }
                 },

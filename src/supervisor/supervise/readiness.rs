@@ -9,7 +9,7 @@ impl Supervisor {
         let Some(gen) = self.gens.get_mut(&number) else {
             return;
         };
-        if gen.ready_at.is_some() || matches!(gen.role, Role::Killed | Role::Draining) {
+        if gen.ready_at.is_some() || matches!(gen.role, Role::Failed | Role::Draining) {
             debug!(
                 generation = number,
                 how, "readiness ignored (already ready or stopping)"
@@ -21,7 +21,7 @@ impl Supervisor {
         gen.delay_ready_at = None;
         let role = gen.role;
         let (pid, ready_after) = (gen.pid, now - gen.started);
-        self.kill_probe(number);
+        self.kill_probe(number, "the generation is ready");
         match role {
             Role::Candidate => self.upgrade_succeeded(number, ready_after),
             _ => {
@@ -150,7 +150,7 @@ impl Supervisor {
             return;
         }
         gen.probe_pid = None;
-        if gen.ready_at.is_some() || matches!(gen.role, Role::Killed | Role::Draining) {
+        if gen.ready_at.is_some() || matches!(gen.role, Role::Failed | Role::Draining) {
             return;
         }
         if matches!(status, WaitStatus::Exited(_, 0)) {

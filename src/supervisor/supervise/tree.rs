@@ -4,13 +4,32 @@
 /// generation it speaks for.
 const MAX_TREE_DEPTH: usize = 64;
 
-/// The parent of `pid`, from `/proc/<pid>/stat`.
-fn parent_of(pid: i32) -> Option<i32> {
+/// Field `n` (1-based, as in proc(5)) of `/proc/<pid>/stat`, from field 3 on.
+fn stat_field(pid: i32, n: usize) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // "pid (comm) S ppid ...": comm may hold anything; split at the last ')'.
     stat.rfind(')')
-        .and_then(|i| stat[i + 1..].split_whitespace().nth(1))
+        .and_then(|i| stat[i + 1..].split_whitespace().nth(n.checked_sub(3)?))
         .and_then(|p| p.parse().ok())
+}
+
+/// The parent of `pid`, from `/proc/<pid>/stat`.
+fn parent_of(pid: i32) -> Option<i32> {
+    stat_field(pid, 4).and_then(|p| i32::try_from(p).ok())
+}
+
+/// When `pid` started (clock ticks since boot): with the pid, it names one
+/// process, not whichever reuses the number later.
+pub(super) fn start_time(pid: i32) -> Option<u64> {
+    stat_field(pid, 22)
+}
+
+/// [`descendants`] of `root`, each with its [`start_time`].
+pub(super) fn descendants_with_start(root: i32) -> Vec<(i32, u64)> {
+    descendants(root)
+        .into_iter()
+        .filter_map(|p| start_time(p).map(|t| (p, t)))
+        .collect()
 }
 
 /// Whether `pid` is `ancestor` or one of its descendants, by `/proc`.
@@ -90,6 +109,16 @@ mod tests {
         }
         child.kill().unwrap();
         child.wait().unwrap();
+    }
+
+    #[test]
+    fn start_times() {
+        let me = std::process::id() as i32;
+        let mine = start_time(me).expect("own start time");
+        assert_eq!(start_time(me), Some(mine));
+        assert!(start_time(nix::unistd::getppid().as_raw()).is_some_and(|t| t <= mine));
+        assert_eq!(parent_of(me), Some(nix::unistd::getppid().as_raw()));
+        assert_eq!(start_time(i32::MAX), None);
     }
 
     #[test]

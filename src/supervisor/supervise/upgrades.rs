@@ -145,6 +145,7 @@ impl Supervisor {
         }
         let old = self.current.replace(number);
         self.lost_current = None;
+        self.write_pid_file();
         // New code that got ready: crashes of the old code do not count.
         self.crashes = 0;
         let mut detail = format!(
@@ -183,7 +184,10 @@ impl Supervisor {
         self.tell_parent_ready(number);
     }
 
-    /// Kills the candidate; the failure is reported once it is reaped.
+    /// Fails the upgrade while the candidate runs: it gets the stop signal,
+    /// so that it finishes the requests it already took from the shared
+    /// sockets, and SIGKILL with everything it started at
+    /// `--failed-drain-timeout`; the failure is reported once it is reaped.
     pub(super) fn fail_upgrade(&mut self, reason: String) {
         let Some(up) = &mut self.upgrade else {
             return;
@@ -196,20 +200,47 @@ impl Supervisor {
             self.finish_upgrade_failure(reason, None);
             return;
         };
-        warn!(generation = number, pid, reason = %reason, "upgrade failing: killing the new generation");
+        let (signal, grace) = (self.cfg.stop_signal, self.cfg.failed_drain_timeout);
+        warn!(
+            generation = number,
+            pid,
+            reason = %reason,
+            signal = signal.as_str(),
+            sigkill_in = %format_duration(grace),
+            "upgrade failing: stopping the new generation"
+        );
         send(
             &up.waiters,
-            &format!("step: killing generation {number} (pid {pid}): {reason}"),
+            &format!(
+                "step: stopping generation {number} (pid {pid}) with {}, SIGKILL in {} \
+                 (--failed-drain-timeout): {reason}",
+                signal.as_str(),
+                format_duration(grace)
+            ),
         );
         up.failure = Some(reason);
-        self.kill_probe(number);
+        self.kill_probe(number, "the upgrade failed");
+        let now = Self::now();
+        let leftovers = descendants_with_start(pid);
         if let Some(gen) = self.gens.get_mut(&number) {
-            gen.role = Role::Killed;
-            gen.killed = true;
+            gen.role = Role::Failed;
             gen.ready_deadline = None;
             gen.delay_ready_at = None;
+            gen.stop_sent_at = Some(now);
+            gen.kill_at = Some(now + grace);
+            gen.leftovers = leftovers;
+            gen.rescan_at = Some(now + LEFTOVER_RESCAN);
         }
-        self.kill_tree(number, pid);
+        if grace.is_zero() {
+            if let Some(gen) = self.gens.get_mut(&number) {
+                gen.killed = true;
+                gen.kill_at = None;
+                gen.rescan_at = None;
+            }
+            self.kill_tree(number, pid);
+        } else {
+            self.send_signal(pid, signal);
+        }
     }
 
     pub(super) fn finish_upgrade_failure(&mut self, reason: String, pid: Option<i32>) {
@@ -217,7 +248,18 @@ impl Supervisor {
             return;
         };
         let keeps = match self.current.and_then(|c| self.gen_pid(c).map(|p| (c, p))) {
-            Some((c, p)) => format!("generation {c} (pid {p}) keeps serving"),
+            Some((c, p)) => match self.phase {
+                Phase::Stopping { .. } => {
+                    format!("generation {c} (pid {p}) is being stopped: the supervisor is stopping")
+                }
+                Phase::ShuttingDown { .. } => format!(
+                    "generation {c} (pid {p}) serves until the shutdown delay ends, then stops \
+                     with the supervisor"
+                ),
+                Phase::Running | Phase::Restarting { .. } => {
+                    format!("generation {c} (pid {p}) keeps serving")
+                }
+            },
             None => "no generation is serving".to_owned(),
         };
         error!(
