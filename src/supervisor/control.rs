@@ -10,7 +10,8 @@
 //! and closes the connection.
 
 use std::io::{self, BufRead, BufReader, Write};
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -22,6 +23,7 @@ use tracing::{debug, info, warn};
 
 use super::cli::{format_duration, ClientConfig};
 use super::error::Error;
+use crate::listen::{probe_socket_path, SocketPath};
 
 /// Where the progress and outcome lines of one upgrade request go.
 pub(crate) type Waiter = mpsc::UnboundedSender<String>;
@@ -50,26 +52,61 @@ fn control_error(path: &Path, problem: impl Into<String>, source: Option<io::Err
     }
 }
 
-/// Creates the socket's directory when missing (mode 0700) and refuses one
-/// that another user owns.
-fn prepare_directory(path: &Path) -> Result<(), Error> {
-    let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) else {
-        return Ok(());
+/// Whose a file or directory may be for the control socket to be trusted:
+/// this user's, or root's.
+fn trusted_owner(uid: u32, me: u32) -> bool {
+    uid == me || uid == 0
+}
+
+/// Opens the socket's directory, creating it (mode 0700) when missing,
+/// without following a symbolic link, and refuses one that this user does
+/// not own or that group or others can write: anyone who can write there can
+/// replace the socket and impersonate the supervisor. Returns the open
+/// directory, which pins it for `bind`.
+fn prepare_directory(path: &Path) -> Result<std::fs::File, Error> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("/"),
     };
-    if !dir.exists() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| control_error(path, "cannot create its directory", Some(e)))?;
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if let Some(above) = dir.parent() {
+                std::fs::create_dir_all(above)
+                    .map_err(|e| control_error(path, "cannot create its directory", Some(e)))?;
+            }
+            match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+                Ok(()) => info!(dir = %dir.display(), "created the control socket's directory"),
+                // Someone made it meanwhile: checked below like any other.
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(control_error(path, "cannot create its directory", Some(e))),
+            }
+        }
+        Err(e) => return Err(control_error(path, "cannot inspect its directory", Some(e))),
+        Ok(_) => {}
     }
-    let meta = std::fs::metadata(dir)
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(dir);
+    let file = match opened {
+        Ok(file) => file,
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => {
+            return Err(control_error(
+                path,
+                format!(
+                    "{} is a symbolic link or not a directory; it is not followed",
+                    dir.display()
+                ),
+                None,
+            ))
+        }
+        Err(e) => return Err(control_error(path, "cannot open its directory", Some(e))),
+    };
+    let meta = file
+        .metadata()
         .map_err(|e| control_error(path, "cannot inspect its directory", Some(e)))?;
     let me = crate::sys::euid();
-    if !meta.is_dir() {
-        return Err(control_error(path, "its parent is not a directory", None));
-    }
-    if meta.uid() != me && meta.uid() != 0 {
+    if meta.uid() != me {
         return Err(control_error(
             path,
             format!(
@@ -79,45 +116,59 @@ fn prepare_directory(path: &Path) -> Result<(), Error> {
             None,
         ));
     }
-    Ok(())
+    if meta.mode() & 0o022 != 0 {
+        return Err(control_error(
+            path,
+            format!(
+                "its directory {} has mode {:04o}: group or others could replace the socket",
+                dir.display(),
+                meta.mode() & 0o7777
+            ),
+            None,
+        ));
+    }
+    Ok(file)
 }
 
 /// Binds the control socket at `path` with mode 0600, replacing a stale
 /// socket file left by a supervisor that is gone. Call it while the process
 /// has one thread (it changes the umask around `bind`).
 pub(crate) fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener, Error> {
-    prepare_directory(path)?;
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            return Err(control_error(path, "exists and is not a socket", None));
+    let dir = prepare_directory(path)?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| control_error(path, "has no file name", None))?;
+    // The directory just checked, not whatever its path names by now (unless
+    // that path would not fit in sun_path).
+    let mut pinned = Path::new(&format!("/proc/self/fd/{}", dir.as_raw_fd())).join(name);
+    if pinned.as_os_str().len() > 107 {
+        pinned = path.to_path_buf();
+    }
+    let probed = probe_socket_path(&pinned)
+        .map_err(|e| control_error(path, "cannot probe the existing socket", Some(e)))?;
+    match probed {
+        SocketPath::Free => {}
+        SocketPath::NotSocket => {
+            return Err(control_error(path, "exists and is not a socket", None))
         }
-        match StdUnixStream::connect(path) {
-            Ok(_) => {
-                return Err(Error::ControlInUse {
-                    path: path.to_path_buf(),
-                })
-            }
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                info!(path = %path.display(), "removing the stale control socket of a supervisor that is gone");
-                std::fs::remove_file(path)
-                    .map_err(|e| control_error(path, "cannot remove the stale socket", Some(e)))?;
-            }
-            Err(e) => {
-                return Err(control_error(
-                    path,
-                    "cannot probe the existing socket",
-                    Some(e),
-                ))
-            }
+        SocketPath::Live => {
+            return Err(Error::ControlInUse {
+                path: path.to_path_buf(),
+            })
+        }
+        SocketPath::Stale => {
+            info!(path = %path.display(), "removing the stale control socket of a supervisor that is gone");
+            std::fs::remove_file(&pinned)
+                .map_err(|e| control_error(path, "cannot remove the stale socket", Some(e)))?;
         }
     }
     // The socket file is created with the umask applied: 0600 from birth,
     // rather than chmod after a window in which others could connect.
     let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
-    let bound = std::os::unix::net::UnixListener::bind(path);
+    let bound = std::os::unix::net::UnixListener::bind(&pinned);
     nix::sys::stat::umask(old);
     let listener = bound.map_err(|e| control_error(path, "cannot bind", Some(e)))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+    std::fs::set_permissions(&pinned, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| control_error(path, "cannot set mode 0600", Some(e)))?;
     listener
         .set_nonblocking(true)
@@ -231,9 +282,83 @@ async fn handle(stream: UnixStream, requests: mpsc::UnboundedSender<Request>, ow
     let _ = write.shutdown().await;
 }
 
+/// Refuses a control socket that another user could have put there: its
+/// directory and the socket itself must be this user's or root's, the
+/// directory not a symbolic link and not writable by group or others.
+/// A path that does not exist passes (connecting then says so).
+fn check_path(path: &Path) -> Result<(), String> {
+    let me = crate::sys::euid();
+    let refuse = |what: String| {
+        format!(
+            "refusing the control socket {}: {what}; another user may be impersonating the \
+             supervisor",
+            path.display()
+        )
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("/"),
+    };
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("cannot inspect {}: {e}", dir.display())),
+        Ok(meta) => {
+            if meta.file_type().is_symlink() {
+                return Err(refuse(format!("{} is a symbolic link", dir.display())));
+            }
+            if !meta.is_dir() {
+                return Err(refuse(format!("{} is not a directory", dir.display())));
+            }
+            if !trusted_owner(meta.uid(), me) {
+                return Err(refuse(format!(
+                    "its directory {} belongs to uid {}, not to you (uid {me}) or root",
+                    dir.display(),
+                    meta.uid()
+                )));
+            }
+            if meta.mode() & 0o022 != 0 {
+                return Err(refuse(format!(
+                    "its directory {} has mode {:04o} (group or others can write it)",
+                    dir.display(),
+                    meta.mode() & 0o7777
+                )));
+            }
+        }
+    }
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(format!("cannot inspect {}: {e}", path.display())),
+        Ok(meta) if !meta.file_type().is_socket() => Err(refuse("it is not a socket".to_owned())),
+        Ok(meta) if !trusted_owner(meta.uid(), me) => Err(refuse(format!(
+            "it belongs to uid {}, not to you (uid {me}) or root",
+            meta.uid()
+        ))),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// Checks who listens at the other end (`SO_PEERCRED`: the credentials of
+/// the process that called `listen`).
+fn check_peer(path: &Path, stream: &StdUnixStream) -> Result<(), String> {
+    let me = crate::sys::euid();
+    let cred = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)
+        .map_err(|e| format!("cannot check who serves {}: {e}", path.display()))?;
+    if trusted_owner(cred.uid(), me) {
+        return Ok(());
+    }
+    Err(format!(
+        "refusing the control socket {}: it is served by uid {} (pid {}), not by you (uid {me}) \
+         or root; another user may be impersonating the supervisor",
+        path.display(),
+        cred.uid(),
+        cred.pid()
+    ))
+}
+
 /// Connects and sends `request`; the error is a sentence for the user.
 fn connect(config: &ClientConfig, request: &str) -> Result<StdUnixStream, String> {
     let path = &config.control;
+    check_path(path)?;
     let mut stream = StdUnixStream::connect(path).map_err(|e| {
         let hint = match e.kind() {
             io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
@@ -247,21 +372,38 @@ fn connect(config: &ClientConfig, request: &str) -> Result<StdUnixStream, String
             path.display()
         )
     })?;
+    check_peer(path, &stream)?;
     stream
         .write_all(format!("{request}\n").as_bytes())
         .map_err(|e| format!("cannot send the request to {}: {e}", path.display()))?;
     Ok(stream)
 }
 
+/// A line from the supervisor as it may be shown on a terminal: control
+/// characters (ESC and the like, which could rewrite the screen or the
+/// title) become U+FFFD; a tab stays.
+pub(crate) fn printable(line: &str) -> String {
+    line.chars()
+        .map(|c| {
+            if c.is_control() && c != '\t' {
+                '\u{fffd}'
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
 /// Reads lines until the supervisor closes the connection or the deadline
-/// passes; `on_line` sees each line without its newline.
+/// passes; `on_line` sees each line without its newline, made
+/// [`printable`] (invalid UTF-8 is replaced too).
 fn read_lines(
     stream: StdUnixStream,
     deadline: Instant,
     mut on_line: impl FnMut(&str),
 ) -> Result<(), String> {
     let mut reader = BufReader::new(stream);
-    let mut line = String::new();
+    let mut line = Vec::new();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -272,9 +414,12 @@ fn read_lines(
             .set_read_timeout(Some(left))
             .map_err(|e| e.to_string())?;
         line.clear();
-        match reader.read_line(&mut line) {
+        match reader.read_until(b'\n', &mut line) {
             Ok(0) => return Ok(()),
-            Ok(_) => on_line(line.trim_end_matches('\n')),
+            Ok(_) => {
+                let text = String::from_utf8_lossy(&line);
+                on_line(&printable(text.trim_end_matches('\n')));
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e)
                 if matches!(
@@ -382,4 +527,26 @@ pub(crate) fn status(config: &ClientConfig, out: &mut dyn Write, err: &mut dyn W
     let _ = out.write_all(text.as_bytes());
     let _ = out.flush();
     0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_not_printed() {
+        assert_eq!(printable("ok: generation 2"), "ok: generation 2");
+        assert_eq!(
+            printable("ok: \u{1b}]0;owned\u{7} \u{1b}[2J\r\u{9b}x\tend"),
+            "ok: \u{fffd}]0;owned\u{fffd} \u{fffd}[2J\u{fffd}\u{fffd}x\tend"
+        );
+    }
+
+    #[test]
+    fn owners() {
+        assert!(trusted_owner(1000, 1000));
+        assert!(trusted_owner(0, 1000));
+        assert!(!trusted_owner(65534, 1000));
+        assert!(!trusted_owner(65534, 0));
+    }
 }

@@ -19,6 +19,35 @@ pub fn handover() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_handover"))
 }
 
+/// A copy of the `handover` binary in `dir`, mode 0755, for running it as another user: the
+/// build's own copy may sit in a directory other users cannot enter (a clone under /root).
+/// `dir` (a [`TempDir`]: under the system temp dir, mode 0755) stays enterable.
+pub fn handover_for_everyone(dir: &TempDir) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let copy = dir.join("handover-bin");
+    if !copy.exists() {
+        std::fs::copy(handover(), &copy).expect("copy the handover binary");
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755))
+            .expect("chmod the handover copy");
+    }
+    copy
+}
+
+/// Whether the tests run as root; when not, `what` is skipped (a failure in CI, where they
+/// run as root with every tool installed by .ci/run).
+pub fn require_root(what: &str) -> bool {
+    // SAFETY: geteuid takes no arguments and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "skipping: {what} needs root (in CI)"
+    );
+    eprintln!("skipping: {what} needs root");
+    false
+}
+
 /// The `sv_probe` example (built once per test binary).
 pub fn probe() -> PathBuf {
     crate::common::example_path("sv_probe")

@@ -260,6 +260,9 @@ impl Supervisor {
                     format!("generation {c} (pid {p}) keeps serving")
                 }
             },
+            None if matches!(self.phase, Phase::Stopping { .. }) => {
+                "no generation is serving: the supervisor is stopping".to_owned()
+            }
             None => "no generation is serving".to_owned(),
         };
         error!(
