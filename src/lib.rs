@@ -59,9 +59,9 @@ mod lifecycle;
 mod listen;
 mod notify;
 mod options;
-pub mod protocol;
+mod protocol;
 mod signals;
-pub mod supervisor;
+mod supervisor;
 mod sys;
 #[cfg(feature = "testkit")]
 pub mod testkit;
@@ -75,3 +75,8 @@ pub use crate::upgrade::Upgraded;
 /// The signal type of the API ([`Options::upgrade_signal`],
 /// [`Options::stop_signals`], the test kit): nix's, re-exported.
 pub use nix::sys::signal::Signal;
+
+/// The `handover` binary's entry point (`src/bin/handover.rs` calls it with
+/// the arguments after the program name). Not an API.
+#[doc(hidden)]
+pub use crate::supervisor::main as __main;

@@ -14,7 +14,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 
 /// Overall help, printed by `handover --help`.
-pub const HELP: &str = "\
+pub(crate) const HELP: &str = "\
 handover: zero-downtime upgrades for network servers
 
 Usage:
@@ -29,7 +29,7 @@ generation keeps serving), 2 could not ask (no supervisor, bad arguments, timeou
 ";
 
 /// Help of `handover run`, with every option and its default.
-pub const RUN_HELP: &str = "\
+pub(crate) const RUN_HELP: &str = "\
 Usage: handover run [OPTIONS] [--] COMMAND [ARGS...]
 
 Binds the listeners once, starts COMMAND with them (systemd socket activation:
@@ -82,7 +82,7 @@ Logs go to stderr, one line per event; HANDOVER_LOG=error|warn|info|debug|trace
 ";
 
 /// Help of `handover upgrade`.
-pub const UPGRADE_HELP: &str = "\
+pub(crate) const UPGRADE_HELP: &str = "\
 Usage: handover upgrade [--control PATH] [--timeout DUR]
 
 Asks the supervisor for an upgrade, prints its steps as they happen, and exits
@@ -92,7 +92,7 @@ within --timeout (default 5m).
 ";
 
 /// Help of `handover status`.
-pub const STATUS_HELP: &str = "\
+pub(crate) const STATUS_HELP: &str = "\
 Usage: handover status [--control PATH] [--json]
 
 Shows the current generation, its pid, uptime and state, the generations still
@@ -102,7 +102,7 @@ draining, and the outcome of the last upgrade. Exits 2 when there is no supervis
 /// What the command line asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum Command {
+pub(crate) enum Command {
     /// `handover run`: supervise a command.
     Run(RunConfig),
     /// `handover upgrade`: ask the supervisor for an upgrade.
@@ -118,54 +118,54 @@ pub enum Command {
 /// Options of `handover run`. Defaults as documented in [`RUN_HELP`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
-pub struct RunConfig {
+pub(crate) struct RunConfig {
     /// Sockets to bind and pass on, in fd order.
-    pub listeners: Vec<ListenSpec>,
+    pub(crate) listeners: Vec<ListenSpec>,
     /// How a generation says it is ready.
-    pub ready: ReadyMode,
+    pub(crate) ready: ReadyMode,
     /// Readiness deadline of a new generation.
-    pub ready_timeout: Duration,
+    pub(crate) ready_timeout: Duration,
     /// Time between the stop signal and SIGKILL.
-    pub drain_timeout: Duration,
+    pub(crate) drain_timeout: Duration,
     /// The same, for a new generation whose upgrade failed while it runs.
-    pub failed_drain_timeout: Duration,
+    pub(crate) failed_drain_timeout: Duration,
     /// Signal that tells a generation to drain and exit.
-    pub stop_signal: Signal,
+    pub(crate) stop_signal: Signal,
     /// On SIGTERM/SIGINT, keep serving this long before stopping.
-    pub shutdown_delay: Duration,
+    pub(crate) shutdown_delay: Duration,
     /// What to do when the current generation fails unasked.
-    pub restart: RestartPolicy,
+    pub(crate) restart: RestartPolicy,
     /// Path of the control socket.
-    pub control: PathBuf,
+    pub(crate) control: PathBuf,
     /// Where to keep the pid of the current generation.
-    pub pid_file: Option<PathBuf>,
+    pub(crate) pid_file: Option<PathBuf>,
     /// Old generations allowed to drain at once.
-    pub max_draining: usize,
+    pub(crate) max_draining: usize,
     /// `listen(2)` backlog of stream listeners.
-    pub backlog: i32,
+    pub(crate) backlog: i32,
     /// The command and its arguments.
-    pub command: Vec<OsString>,
+    pub(crate) command: Vec<OsString>,
     /// Test-only debugging switch (`--debug-no-reap`, not in the help):
     /// reap only the processes the supervisor started, leaving orphans as
     /// zombies. It exists so that tests can prove that they detect a
     /// supervisor that does not reap.
-    pub debug_no_reap: bool,
+    pub(crate) debug_no_reap: bool,
 }
 
 /// One `--listen` socket.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
-pub struct ListenSpec {
+pub(crate) struct ListenSpec {
     /// Its name in `LISTEN_FDNAMES` (`unknown`, systemd's default, when not given).
-    pub name: String,
+    pub(crate) name: String,
     /// What to bind.
-    pub address: ListenAddress,
+    pub(crate) address: ListenAddress,
 }
 
 /// What a `--listen` socket is bound to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum ListenAddress {
+pub(crate) enum ListenAddress {
     /// A TCP listener.
     Tcp(SocketAddr),
     /// A UDP socket.
@@ -187,7 +187,7 @@ impl fmt::Display for ListenAddress {
 /// How a generation says it is ready.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum ReadyMode {
+pub(crate) enum ReadyMode {
     /// `READY=1` on its `NOTIFY_SOCKET`.
     Notify,
     /// A shell command, rerun until it exits 0.
@@ -209,7 +209,7 @@ impl fmt::Display for ReadyMode {
 /// What to do when the current generation exits unasked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum RestartPolicy {
+pub(crate) enum RestartPolicy {
     /// Restart it when it failed (non-zero status or killed by a signal).
     OnFailure,
     /// Stop and exit with its status.
@@ -219,23 +219,23 @@ pub enum RestartPolicy {
 /// Options of `handover upgrade` and `handover status`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
-pub struct ClientConfig {
+pub(crate) struct ClientConfig {
     /// Path of the control socket.
-    pub control: PathBuf,
+    pub(crate) control: PathBuf,
     /// How long to wait for the outcome.
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
     /// `status --json`.
-    pub json: bool,
+    pub(crate) json: bool,
 }
 
 /// A malformed command line: which option, and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UsageError {
+pub(crate) struct UsageError {
     /// The option (`--listen`), the subcommand for other mistakes, or empty
     /// when the subcommand itself is missing or unknown.
-    pub option: String,
+    pub(crate) option: String,
     /// What is wrong, with the offending value.
-    pub problem: String,
+    pub(crate) problem: String,
 }
 
 impl UsageError {
@@ -260,25 +260,25 @@ impl fmt::Display for UsageError {
 impl std::error::Error for UsageError {}
 
 /// Default of `--ready-timeout`.
-pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default of `--drain-timeout`.
-pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default of `upgrade --timeout`.
-pub const DEFAULT_CLIENT_TIMEOUT: Duration = Duration::from_secs(300);
+pub(crate) const DEFAULT_CLIENT_TIMEOUT: Duration = Duration::from_secs(300);
 /// Default of `--max-draining`.
-pub const DEFAULT_MAX_DRAINING: usize = 8;
+pub(crate) const DEFAULT_MAX_DRAINING: usize = 8;
 /// Default of `--backlog`.
-pub const DEFAULT_BACKLOG: i32 = 1024;
+pub(crate) const DEFAULT_BACKLOG: i32 = 1024;
 /// Largest `--max-draining`: each draining generation is a process with
 /// every socket open; more than this is a leak, not a policy.
-pub const MAX_MAX_DRAINING: usize = 1000;
+pub(crate) const MAX_MAX_DRAINING: usize = 1000;
 
 /// The default control socket path: `/run/handover/control.sock` for root
 /// (`/tmp/handover-0/control.sock` when there is no `/run`),
 /// `$XDG_RUNTIME_DIR/handover/control.sock` for other users when that is
 /// set, `/tmp/handover-<uid>/control.sock` otherwise. The supervisor and the
 /// clients compute it the same way.
-pub fn default_control_path() -> PathBuf {
+pub(crate) fn default_control_path() -> PathBuf {
     let uid = crate::sys::euid();
     if uid == 0 {
         if Path::new("/run").is_dir() {
@@ -294,7 +294,7 @@ pub fn default_control_path() -> PathBuf {
 }
 
 /// Parses a duration: a whole number followed by `ms`, `s`, `m` or `h`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let bad = || format!("{text:?} is not a duration (use e.g. 500ms, 30s, 2m)");
     let split = text
         .find(|c: char| !c.is_ascii_digit())
@@ -320,7 +320,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 
 /// Formats a duration the way [`parse_duration`] reads it, or with
 /// fractions for odd values (`1.25s`).
-pub fn format_duration(d: Duration) -> String {
+pub(crate) fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
     if ms == 0 {
         "0s".to_owned()
@@ -338,7 +338,7 @@ pub fn format_duration(d: Duration) -> String {
 }
 
 /// Parses a signal: `TERM`, `SIGTERM`, `term` or `15`.
-pub fn parse_signal(text: &str) -> Result<Signal, String> {
+pub(crate) fn parse_signal(text: &str) -> Result<Signal, String> {
     let signal = if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
         text.parse::<i32>()
             .ok()
@@ -405,7 +405,7 @@ fn parse_host_port(rest: &str, scheme: &str) -> Result<SocketAddr, String> {
 }
 
 /// Parses one `--listen` value: `[NAME=]URL`.
-pub fn parse_listen(text: &str) -> Result<ListenSpec, String> {
+pub(crate) fn parse_listen(text: &str) -> Result<ListenSpec, String> {
     let (name, url) = match text.find("://") {
         Some(scheme_end) => match text[..scheme_end].split_once('=') {
             Some((name, _)) => (Some(name), &text[name.len() + 1..]),
@@ -457,7 +457,7 @@ pub fn parse_listen(text: &str) -> Result<ListenSpec, String> {
 }
 
 /// Parses a `--ready` value.
-pub fn parse_ready(text: &str) -> Result<ReadyMode, String> {
+pub(crate) fn parse_ready(text: &str) -> Result<ReadyMode, String> {
     if text == "notify" {
         Ok(ReadyMode::Notify)
     } else if let Some(cmd) = text.strip_prefix("exec:") {
@@ -609,7 +609,7 @@ type SubcommandParser = fn(&mut Args) -> Result<Command, UsageError>;
 ///
 /// # Errors
 /// A [`UsageError`] naming the first bad option or value.
-pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, UsageError> {
+pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, UsageError> {
     let mut args: Vec<OsString> = args.into_iter().collect();
     if args.is_empty() {
         return Err(UsageError::new(

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 /// they are logged, reported to `handover upgrade`, and handled.
 #[derive(Debug)]
 #[non_exhaustive]
-pub enum Error {
+pub(crate) enum Error {
     /// A `--listen` socket could not be bound.
     Listen {
         /// The `--listen` value, as given.
@@ -58,7 +58,7 @@ pub enum Error {
 impl Error {
     /// This error with its causes, `: `-separated, for the message
     /// `handover run` prints.
-    pub fn report(&self) -> String {
+    pub(crate) fn report(&self) -> String {
         crate::error::report(self)
     }
 
@@ -72,7 +72,7 @@ impl Error {
     /// The exit code `handover run` ends with for this error: 127 when the
     /// command does not exist, 126 when it cannot be executed (as shells
     /// do), 1 otherwise.
-    pub fn exit_code(&self) -> i32 {
+    pub(crate) fn exit_code(&self) -> i32 {
         match self {
             Error::Spawn { source, .. } => match source.kind() {
                 io::ErrorKind::NotFound => 127,

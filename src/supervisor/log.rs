@@ -20,18 +20,18 @@ use tracing::{Event, Level, Metadata, Subscriber};
 
 /// The environment variable that sets the log level
 /// (`error`, `warn`, `info`, `debug`, `trace`, `off`).
-pub const LOG_ENV: &str = "HANDOVER_LOG";
+pub(crate) const LOG_ENV: &str = "HANDOVER_LOG";
 
 /// Writes one line per event to stderr.
 #[derive(Debug)]
-pub struct Logger {
+pub(crate) struct Logger {
     max: LevelFilter,
     next_span: AtomicU64,
 }
 
 impl Logger {
     /// A logger showing events up to `max`.
-    pub fn new(max: LevelFilter) -> Self {
+    pub(crate) fn new(max: LevelFilter) -> Self {
         Logger {
             max,
             next_span: AtomicU64::new(1),
@@ -40,7 +40,7 @@ impl Logger {
 
     /// A logger at the level named by `HANDOVER_LOG`, `info` when unset or
     /// unknown.
-    pub fn from_env() -> Self {
+    pub(crate) fn from_env() -> Self {
         let max = std::env::var(LOG_ENV)
             .ok()
             .and_then(|v| v.trim().parse::<LevelFilter>().ok())

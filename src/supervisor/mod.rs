@@ -1,11 +1,11 @@
-#![doc = include_str!("guide.md")]
-//!
-//! # API
-//!
-//! The `handover` binary only parses its arguments ([`cli::parse`]), installs the [`Logger`],
-//! and calls [`run`], [`upgrade`] or [`status`].
+//! `handover run`, the container entrypoint, and its clients `handover
+//! upgrade` and `handover status`: a PID-1 supervisor that owns the listening
+//! sockets and swaps app generations on SIGHUP or on request. The README's
+//! "Container entrypoint" section is its user guide; nothing here is public
+//! API: the `handover` binary calls [`main`] (re-exported, hidden, as
+//! `handover::__main`) and nothing else.
 
-pub mod cli;
+mod cli;
 mod control;
 mod error;
 mod log;
@@ -15,38 +15,92 @@ mod spawn;
 mod status;
 mod supervise;
 
+use std::ffi::OsString;
 use std::io::Write;
+use std::process::ExitCode;
 
-pub use self::cli::{ClientConfig, Command, RunConfig, UsageError};
-pub use self::error::Error;
-pub use self::log::{Logger, LOG_ENV};
+use self::cli::Command;
+use self::log::Logger;
 
-/// Runs the supervisor until the app has stopped for good, and returns the
-/// exit code to end with: the app's status, 128 + signal when it was killed.
-///
-/// It blocks every signal it can in the calling thread (signals are read
-/// from a signalfd), so call it from the main thread of a process that has
-/// no other threads.
-///
-/// # Errors
-/// [`Error`] when it cannot start: a listener cannot be bound, the control
-/// socket cannot be set up, the command cannot be started. Failures of the
-/// app after it started are not errors: they are logged and handled.
-pub fn run(config: RunConfig) -> Result<i32, Error> {
-    supervise::run(config)
+/// The whole `handover` binary: parses `args` (without the program name),
+/// installs the logger for `run`, runs the subcommand, and returns the exit
+/// code. Not an API: it exists so that the binary is a few lines.
+pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
+    let code = dispatch(args, &mut std::io::stdout(), &mut std::io::stderr());
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 
-/// `handover upgrade`: asks the supervisor at `config.control` for an
-/// upgrade, writes the steps to `out` as they happen (problems to `err`),
-/// and returns the exit code: 0 upgraded, 1 the upgrade failed or was
-/// refused (the old generation keeps serving), 2 it could not ask or got no
-/// outcome within `config.timeout`.
-pub fn upgrade(config: &ClientConfig, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
-    control::upgrade(config, out, err)
+/// [`main`], writing to `out` and `err`; returns the exit code.
+fn dispatch(
+    args: impl IntoIterator<Item = OsString>,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> i32 {
+    let command = match cli::parse(args) {
+        Ok(command) => command,
+        Err(e) => {
+            let _ = writeln!(err, "handover: {e}");
+            return 2;
+        }
+    };
+    match command {
+        Command::Help(text) => {
+            let _ = out.write_all(text.as_bytes());
+            let _ = out.flush();
+            0
+        }
+        Command::Version => {
+            let _ = writeln!(out, "handover {}", env!("CARGO_PKG_VERSION"));
+            let _ = out.flush();
+            0
+        }
+        Command::Run(config) => {
+            if tracing::subscriber::set_global_default(Logger::from_env()).is_err() {
+                let _ = writeln!(err, "handover: a logger was already installed");
+            }
+            // It blocks every signal it can in this thread (they are read
+            // from a signalfd): the binary's main thread, with no other
+            // thread running.
+            match supervise::run(config) {
+                Ok(code) => code,
+                Err(e) => {
+                    let _ = writeln!(err, "handover: {}", e.report());
+                    e.exit_code()
+                }
+            }
+        }
+        Command::Upgrade(config) => control::upgrade(&config, out, err),
+        Command::Status(config) => control::status(&config, out, err),
+    }
 }
 
-/// `handover status [--json]`: writes the supervisor's status to `out`;
-/// returns 0, or 2 when it could not ask (message on `err`).
-pub fn status(config: &ClientConfig, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
-    control::status(config, out, err)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &[&str]) -> (i32, String, String) {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let code = dispatch(args.iter().map(OsString::from), &mut out, &mut err);
+        (
+            code,
+            String::from_utf8(out).unwrap(),
+            String::from_utf8(err).unwrap(),
+        )
+    }
+
+    #[test]
+    fn help_version_and_usage_errors_go_to_the_handles() {
+        let (code, out, err) = run(&["--version"]);
+        assert_eq!((code, err.as_str()), (0, ""));
+        assert_eq!(out, format!("handover {}\n", env!("CARGO_PKG_VERSION")));
+        let (code, out, _) = run(&["run", "--help"]);
+        assert_eq!(code, 0);
+        assert_eq!(out, cli::RUN_HELP);
+        let (code, out, err) = run(&["bogus"]);
+        assert_eq!((code, out.as_str()), (2, ""));
+        assert_eq!(
+            err,
+            "handover: unknown subcommand \"bogus\" (use run, upgrade or status)\n"
+        );
+    }
 }

@@ -14,11 +14,11 @@ use crate::sys::{self, Exec};
 /// Everything needed to start processes, fixed at start-up.
 pub(crate) struct Spawner {
     /// The command and its arguments, as given.
-    pub command: Vec<OsString>,
+    pub(crate) command: Vec<OsString>,
     /// The supervisor's environment without the protocol variables.
-    pub env: Vec<(OsString, OsString)>,
+    pub(crate) env: Vec<(OsString, OsString)>,
     /// The supervisor's pid, for `HANDOVER_SUPERVISOR`.
-    pub supervisor_pid: i32,
+    pub(crate) supervisor_pid: i32,
 }
 
 /// The command line, for messages.

@@ -10,49 +10,49 @@ use super::cli::format_duration;
 /// One generation, as shown.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct GenerationInfo {
-    pub generation: u64,
-    pub pid: i32,
-    pub uptime: Duration,
+    pub(crate) generation: u64,
+    pub(crate) pid: i32,
+    pub(crate) uptime: Duration,
     /// Time from start to ready, once ready.
-    pub ready_after: Option<Duration>,
+    pub(crate) ready_after: Option<Duration>,
     /// Its last `STATUS=` notification.
-    pub status: Option<String>,
+    pub(crate) status: Option<String>,
     /// Time since it was told to stop.
-    pub stopping_for: Option<Duration>,
+    pub(crate) stopping_for: Option<Duration>,
     /// Time left before SIGKILL.
-    pub kill_in: Option<Duration>,
+    pub(crate) kill_in: Option<Duration>,
 }
 
 /// The outcome of the last upgrade.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct OutcomeInfo {
-    pub succeeded: bool,
-    pub generation: u64,
-    pub pid: Option<i32>,
-    pub trigger: &'static str,
-    pub ago: Duration,
-    pub ready_after: Option<Duration>,
-    pub detail: String,
+    pub(crate) succeeded: bool,
+    pub(crate) generation: u64,
+    pub(crate) pid: Option<i32>,
+    pub(crate) trigger: &'static str,
+    pub(crate) ago: Duration,
+    pub(crate) ready_after: Option<Duration>,
+    pub(crate) detail: String,
 }
 
 /// The whole state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Snapshot {
-    pub supervisor_pid: i32,
-    pub uptime: Duration,
+    pub(crate) supervisor_pid: i32,
+    pub(crate) uptime: Duration,
     /// `starting`, `serving`, `upgrading`, `restarting`, `shutting-down`, `stopping`.
-    pub state: &'static str,
-    pub current: Option<GenerationInfo>,
-    pub upgrading: Option<GenerationInfo>,
-    pub upgrade_pending: bool,
-    pub draining: Vec<GenerationInfo>,
-    pub max_draining: usize,
-    pub restarts: u64,
-    pub upgrades_succeeded: u64,
-    pub upgrades_failed: u64,
-    pub last_upgrade: Option<OutcomeInfo>,
+    pub(crate) state: &'static str,
+    pub(crate) current: Option<GenerationInfo>,
+    pub(crate) upgrading: Option<GenerationInfo>,
+    pub(crate) upgrade_pending: bool,
+    pub(crate) draining: Vec<GenerationInfo>,
+    pub(crate) max_draining: usize,
+    pub(crate) restarts: u64,
+    pub(crate) upgrades_succeeded: u64,
+    pub(crate) upgrades_failed: u64,
+    pub(crate) last_upgrade: Option<OutcomeInfo>,
     /// `(name, address)`.
-    pub listeners: Vec<(String, String)>,
+    pub(crate) listeners: Vec<(String, String)>,
 }
 
 fn ms(d: Duration) -> u128 {
