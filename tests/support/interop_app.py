@@ -7,6 +7,13 @@ BARRIER=1 with an fd and waits until the receiver closes it), and serves `pid=<p
 generation=<n>` over HTTP/1.1 with `Connection: close` until SIGTERM, then finishes the request
 it is serving, if any, and exits 0.
 
+SIGTERM only sets a flag, checked between connections: exiting from the handler could drop a
+connection that accept() had just returned (closed unread: the client gets a reset), which is
+what a handler that exits "when not busy" does when the signal lands between accept() and the
+busy flag. To see the flag while idle, accept() waits at most ACCEPT_WAIT (a timeout on the
+listening socket, so it is non-blocking from then on; every generation of this script does the
+same with the socket they share).
+
 Modes (argv[1]):
   notify      one TCP socket; readiness by systemd-notify
   multi       three sockets named web (tcp), admin (unix), dns (udp); prints their kinds
@@ -18,6 +25,9 @@ import socket
 import subprocess
 import sys
 import time
+
+# How long accept() waits before the loop looks at the stop flag again.
+ACCEPT_WAIT = 0.1
 
 
 def fail(why):
@@ -47,15 +57,14 @@ def main():
     elif count != 1:
         fail(f"LISTEN_FDS={count}")
     web = socks[0]
-    # SIGTERM: finish the request being served, if any, then exit 0.
-    state = {"busy": False, "stop": False}
+    # SIGTERM: finish the connection being served, if any, then exit 0.
+    state = {"stop": False}
 
     def on_term(*_):
         state["stop"] = True
-        if not state["busy"]:
-            sys.exit(0)
 
     signal.signal(signal.SIGTERM, on_term)
+    web.settimeout(ACCEPT_WAIT)
     host, port = web.getsockname()[:2]
     notify_rc, notify_ms = "none", 0
     if mode == "file":
@@ -75,8 +84,11 @@ def main():
         body,
     )
     while not state["stop"]:
-        conn, _ = web.accept()
-        state["busy"] = True
+        try:
+            conn, _ = web.accept()
+        except socket.timeout:
+            continue  # (also when another generation took the connection first)
+        conn.settimeout(None)
         with conn:
             request = b""
             while b"\r\n\r\n" not in request:
@@ -86,7 +98,6 @@ def main():
                 request += chunk
             if request:
                 conn.sendall(reply)
-        state["busy"] = False
     sys.exit(0)
 
 
