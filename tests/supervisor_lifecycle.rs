@@ -211,8 +211,23 @@ fn a_stop_during_an_upgrade_fails_it_and_tells_the_client() {
         "{out:?}"
     );
     assert!(!out.stdout.contains("keeps serving"), "{out:?}");
+    // The abandoned candidate gets the stop signal, not SIGKILL.
+    assert!(
+        out.stdout.contains("step: stopping generation 2 (pid ")
+            && out
+                .stdout
+                .contains(") with SIGTERM, SIGKILL in 30s (--failed-drain-timeout)"),
+        "{out:?}"
+    );
     // `sleep` dies of SIGTERM.
     assert_eq!(sv.wait_exit(T), Exit::Code(143), "{}", sv.server.dump());
+    let log = support::final_log(&sv);
+    assert!(!log.contains("SIGKILL"), "{log}");
+    assert!(
+        log.contains("failed generation reaped generation=2 pid=")
+            && log.contains("status=\"was killed by SIGTERM\""),
+        "{log}"
+    );
 }
 
 /// Pids written to `path`, one a line.
