@@ -114,13 +114,6 @@ pub enum Error {
         /// What is wrong with it.
         problem: &'static str,
     },
-    /// The PID file could not be written.
-    PidFile {
-        /// Its path.
-        path: PathBuf,
-        /// The cause.
-        source: io::Error,
-    },
     /// A task of the crate's own (an upgrade) ended without an outcome: it
     /// panicked, or the runtime shut down under it. The state it held was
     /// restored; a later upgrade may be tried.
@@ -257,9 +250,6 @@ impl fmt::Display for Error {
             Error::InvalidName { name, problem } => {
                 write!(f, "invalid listener name {name:?}: {problem}")
             }
-            Error::PidFile { path, .. } => {
-                write!(f, "cannot write the PID file {}", path.display())
-            }
             Error::TaskFailed {
                 operation,
                 panicked,
@@ -297,10 +287,9 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Error::Bind { source, .. }
-            | Error::Io { source, .. }
-            | Error::Spawn { source, .. }
-            | Error::PidFile { source, .. } => Some(source),
+            Error::Bind { source, .. } | Error::Io { source, .. } | Error::Spawn { source, .. } => {
+                Some(source)
+            }
             _ => None,
         }
     }
@@ -326,10 +315,6 @@ mod tests {
             },
             Error::Spawn {
                 executable: "/x".into(),
-                source: io::Error::other("the very cause"),
-            },
-            Error::PidFile {
-                path: "/x".into(),
                 source: io::Error::other("the very cause"),
             },
         ];

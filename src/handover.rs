@@ -83,33 +83,6 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Writes `pid` to `path` atomically: a temporary file in the same
-/// directory, synced, then renamed over the old one.
-fn write_pid_file(path: &Path, pid: u32) -> Result<()> {
-    let failed = |source| Error::PidFile {
-        path: path.to_path_buf(),
-        source,
-    };
-    let name = path
-        .file_name()
-        .ok_or_else(|| failed(std::io::Error::other("the path names no file")))?;
-    let mut tmp_name = OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".{pid}.tmp"));
-    let tmp = path.with_file_name(tmp_name);
-    let written = (|| {
-        let mut file = std::fs::File::create(&tmp)?;
-        std::io::Write::write_all(&mut file, format!("{pid}\n").as_bytes())?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(failed(e));
-    }
-    Ok(())
-}
-
 /// Tokio needs non-blocking sockets; the flag is set here, explicitly, since
 /// another process sharing the socket may have changed it.
 fn nonblocking(result: std::io::Result<()>) -> Result<()> {
@@ -434,9 +407,9 @@ impl Handover {
         let Some(path) = &self.inner.options.pid_file else {
             return;
         };
-        match write_pid_file(path, std::process::id()) {
+        match crate::pidfile::write(path, std::process::id() as i32) {
             Ok(()) => debug!(path = %path.display(), "PID file written"),
-            Err(e) => warn!(error = %e.report(), "PID file not written"),
+            Err(e) => warn!(path = %path.display(), error = %e, "PID file not written"),
         }
     }
 
@@ -445,12 +418,8 @@ impl Handover {
         let Some(path) = &self.inner.options.pid_file else {
             return;
         };
-        let ours = std::fs::read_to_string(path)
-            .is_ok_and(|text| text.trim() == std::process::id().to_string());
-        if ours {
-            if let Err(e) = std::fs::remove_file(path) {
-                warn!(path = %path.display(), error = %e, "cannot remove the PID file");
-            }
+        if let Err(e) = crate::pidfile::remove_if_names(path, std::process::id() as i32) {
+            warn!(path = %path.display(), error = %e, "cannot remove the PID file");
         }
     }
 

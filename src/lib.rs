@@ -59,6 +59,7 @@ mod lifecycle;
 mod listen;
 mod notify;
 mod options;
+mod pidfile;
 mod protocol;
 mod signals;
 mod supervisor;

@@ -9,7 +9,6 @@ mod cli;
 mod control;
 mod error;
 mod log;
-mod pidfile;
 mod signals;
 mod spawn;
 mod status;

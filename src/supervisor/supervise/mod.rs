@@ -32,11 +32,11 @@ use tracing::{debug, error, info, warn};
 use super::cli::{format_duration, ListenAddress, ReadyMode, RestartPolicy, RunConfig};
 use super::control::{self, Request, Waiter};
 use super::error::Error;
-use super::pidfile::PidFile;
 use super::signals::{self, Signals};
 use super::spawn::{describe_command, Spawner};
 use super::status::{GenerationInfo, OutcomeInfo, Snapshot};
 use crate::listen::{BindOptions, Registry};
+use crate::pidfile::PidFile;
 use crate::{notify, protocol, sys};
 
 use self::tree::{descendants, descendants_with_start, in_tree_of, start_time};
