@@ -26,7 +26,7 @@ pub enum Error {
     /// An inherited file descriptor is not what the protocol says it is
     /// (closed, not a socket, a socket of another type).
     InheritedFd {
-        /// The fd's name from `LISTEN_FDNAMES` (or `HANDOVER_READY_FD`).
+        /// The fd's name from `LISTEN_FDNAMES` (or `HANDOVER_CONTROL_FD`).
         name: String,
         /// The fd number.
         fd: i32,

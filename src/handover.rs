@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use tracing::{debug, info, warn};
 
+use crate::channel::{self, Message};
 use crate::drain::{DrainReport, Stop, Watch};
 use crate::error::{Error, Result};
 use crate::lifecycle::Lifecycle;
@@ -25,8 +26,9 @@ pub(crate) struct Inner {
     pub(crate) generation: u64,
     pub(crate) supervisor: Option<i32>,
     pub(crate) notify_socket: Option<String>,
-    /// Set when a previous generation started us, until `ready` uses it.
-    ready_fd: Mutex<Option<OwnedFd>>,
+    /// The channel to whoever started us (a previous generation or the
+    /// supervisor), when there is one.
+    control: Option<OwnedFd>,
     /// A previous generation of this app started us (rather than systemd,
     /// the supervisor, or nobody): the sockets we inherited are ours.
     from_previous_generation: bool,
@@ -166,20 +168,17 @@ impl Handover {
             let owned = sys::adopt(fd, &name)?;
             inherited.push((name, owned));
         }
-        let ready_fd = match parsed.ready_fd {
+        let control = match parsed.control_fd {
             Some(fd) => {
-                let owned = sys::adopt(fd, protocol::READY_FD)?;
-                match sys::is_pipe(owned.as_fd()) {
-                    Ok(true) => Some(owned),
-                    Ok(false) => {
-                        return Err(Error::InheritedFd {
-                            name: protocol::READY_FD.to_owned(),
-                            fd,
-                            problem: "is not a pipe".to_owned(),
-                        })
-                    }
-                    Err(e) => return Err(Error::io("inspecting the ready fd", e)),
+                let owned = sys::adopt(fd, protocol::CONTROL_FD)?;
+                if !channel::is_channel(owned.as_fd()) {
+                    return Err(Error::InheritedFd {
+                        name: protocol::CONTROL_FD.to_owned(),
+                        fd,
+                        problem: "is not a seqpacket socket".to_owned(),
+                    });
                 }
+                Some(owned)
             }
             None => None,
         };
@@ -219,8 +218,8 @@ impl Handover {
                 generation: parsed.generation,
                 supervisor: parsed.supervisor,
                 notify_socket: parsed.notify_socket,
-                from_previous_generation: ready_fd.is_some(),
-                ready_fd: Mutex::new(ready_fd),
+                from_previous_generation: control.is_some() && parsed.supervisor.is_none(),
+                control,
                 registry: Mutex::new(Registry::new(inherited)),
                 executable,
                 argv,
@@ -380,12 +379,16 @@ impl Handover {
         // logged, since returning one could make the app exit with nobody
         // left to serve.
         self.write_pid_file();
-        if let Some(fd) = lock(&self.inner.ready_fd).take() {
-            let mut pipe = std::fs::File::from(fd);
-            match std::io::Write::write_all(&mut pipe, b"1") {
+        if let Some(fd) = &self.inner.control {
+            match channel::send(fd.as_fd(), &Message::Ready) {
                 Ok(()) => {}
                 // Killed or crashed meanwhile: there is nobody to tell.
-                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionRefused
+                    ) =>
+                {
                     warn!("the previous generation is gone; serving on without it")
                 }
                 Err(e) => warn!(error = %e, "cannot tell the previous generation we are ready"),

@@ -51,6 +51,7 @@
 #[cfg(not(target_os = "linux"))]
 compile_error!("handover supports Linux only (it relies on pidfds, SCM_CREDENTIALS and /proc)");
 
+mod channel;
 mod drain;
 mod environment;
 mod error;

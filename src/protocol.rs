@@ -8,7 +8,7 @@
 //! | `LISTEN_FDS=N` | sockets are passed at fds `3 .. 3+N` |
 //! | `LISTEN_FDNAMES=a:b:c` | their names, in order (optional; systemd's default name is `unknown`) |
 //! | `LISTEN_PID=<pid>` | the process they are for; anyone else ignores all of the above |
-//! | `HANDOVER_READY_FD=<fd>` | a pipe on which the new generation writes one byte when ready |
+//! | `HANDOVER_CONTROL_FD=<fd>` | a seqpacket socket to whoever started this generation: `ready`, `park`, `resume`, ... (see `channel`) |
 //! | `HANDOVER_GENERATION=<n>` | generation number, 1 for the first process |
 //! | `HANDOVER_SUPERVISOR=<pid>` | set by `handover run`: the supervisor owns upgrades |
 //! | `HANDOVER_PROCESS_GROUP=<pgid>` | the group a new generation joins once it is current (it starts in a group of its own) |
@@ -30,8 +30,8 @@ pub const LISTEN_FDS: &str = "LISTEN_FDS";
 pub const LISTEN_FDNAMES: &str = "LISTEN_FDNAMES";
 /// `LISTEN_PID`.
 pub const LISTEN_PID: &str = "LISTEN_PID";
-/// `HANDOVER_READY_FD`.
-pub const READY_FD: &str = "HANDOVER_READY_FD";
+/// `HANDOVER_CONTROL_FD`.
+pub const CONTROL_FD: &str = "HANDOVER_CONTROL_FD";
 /// `HANDOVER_GENERATION`.
 pub const GENERATION: &str = "HANDOVER_GENERATION";
 /// `HANDOVER_SUPERVISOR`.
@@ -49,7 +49,7 @@ pub const VARIABLES: [&str; 9] = [
     LISTEN_FDS,
     LISTEN_FDNAMES,
     LISTEN_PID,
-    READY_FD,
+    CONTROL_FD,
     GENERATION,
     SUPERVISOR,
     NOTIFY_SOCKET,
@@ -71,8 +71,8 @@ pub const UNNAMED: &str = "unknown";
 pub struct Parsed {
     /// Passed sockets, `(name, fd)`, in fd order starting at 3.
     pub fds: Vec<(String, RawFd)>,
-    /// The ready pipe's write end, when a previous generation started us.
-    pub ready_fd: Option<RawFd>,
+    /// The control channel, when a previous generation or the supervisor started us.
+    pub control_fd: Option<RawFd>,
     /// Our generation number (1 when nobody said).
     pub generation: u64,
     /// The supervisor's pid, when `handover run` started us.
@@ -180,19 +180,23 @@ pub fn parse(env: &HashMap<String, String>, own_pid: i32) -> Result<Parsed> {
     // `count <= MAX_FDS`, so the fd numbers fit in an i32.
     parsed.fds = names.into_iter().zip(FIRST_FD..).collect();
 
-    if let Some(text) = get(READY_FD) {
-        let fd: RawFd = number(READY_FD, text)?;
+    if let Some(text) = get(CONTROL_FD) {
+        let fd: RawFd = number(CONTROL_FD, text)?;
         if fd < FIRST_FD {
-            return Err(Error::protocol(READY_FD, text, "fds 0, 1 and 2 are stdio"));
+            return Err(Error::protocol(
+                CONTROL_FD,
+                text,
+                "fds 0, 1 and 2 are stdio",
+            ));
         }
         if (fd as usize) < FIRST_FD as usize + count {
             return Err(Error::protocol(
-                READY_FD,
+                CONTROL_FD,
                 text,
                 "is also one of the LISTEN_FDS sockets",
             ));
         }
-        parsed.ready_fd = Some(fd);
+        parsed.control_fd = Some(fd);
     }
     if let Some(text) = get(GENERATION) {
         let generation: u64 = number(GENERATION, text)?;
@@ -255,8 +259,8 @@ pub fn parse(env: &HashMap<String, String>, own_pid: i32) -> Result<Parsed> {
 pub struct Handoff<'a> {
     /// Names of the fds passed at 3, 4, ...
     pub names: Vec<&'a str>,
-    /// Where the ready pipe lands in the child.
-    pub ready_fd: Option<RawFd>,
+    /// Where the control channel lands in the child.
+    pub control_fd: Option<RawFd>,
     /// The child's generation.
     pub generation: u64,
     /// The supervisor's pid, when there is one.
@@ -277,8 +281,8 @@ impl Handoff<'_> {
             (LISTEN_FDNAMES, self.names.join(":")),
             (GENERATION, self.generation.to_string()),
         ];
-        if let Some(fd) = self.ready_fd {
-            vars.push((READY_FD, fd.to_string()));
+        if let Some(fd) = self.control_fd {
+            vars.push((CONTROL_FD, fd.to_string()));
         }
         if let Some(pid) = self.supervisor {
             vars.push((SUPERVISOR, pid.to_string()));
@@ -326,14 +330,14 @@ mod tests {
         let parsed = parse(&env(&[]), 42).unwrap();
         assert!(parsed.fds.is_empty());
         assert_eq!(parsed.generation, 1);
-        assert_eq!(parsed.ready_fd, None);
+        assert_eq!(parsed.control_fd, None);
     }
 
     #[test]
     fn full_handoff_round_trips() {
         let handoff = Handoff {
             names: vec!["http", "admin"],
-            ready_fd: Some(5),
+            control_fd: Some(5),
             generation: 7,
             supervisor: None,
             notify_socket: Some("/run/notify"),
@@ -360,7 +364,7 @@ mod tests {
             parsed.fds,
             vec![("http".to_owned(), 3), ("admin".to_owned(), 4)]
         );
-        assert_eq!(parsed.ready_fd, Some(5));
+        assert_eq!(parsed.control_fd, Some(5));
         assert_eq!(parsed.generation, 7);
         assert_eq!(parsed.notify_socket.as_deref(), Some("/run/notify"));
         assert_eq!(parsed.process_group, Some(77));
@@ -407,14 +411,14 @@ mod tests {
             &env(&[
                 ("LISTEN_PID", "41"),
                 ("LISTEN_FDS", "garbage"),
-                ("HANDOVER_READY_FD", "9"),
+                ("HANDOVER_CONTROL_FD", "9"),
                 ("HANDOVER_GENERATION", "3"),
             ]),
             42,
         )
         .unwrap();
         assert!(parsed.fds.is_empty());
-        assert_eq!(parsed.ready_fd, None);
+        assert_eq!(parsed.control_fd, None);
         assert_eq!(parsed.generation, 1);
         assert_eq!(parsed.foreign_listen_pid, Some(41));
     }
@@ -429,7 +433,7 @@ mod tests {
             ("LISTEN_FDS", "two"),
             ("LISTEN_FDS", "-1"),
             ("LISTEN_FDS", "1.5"),
-            ("HANDOVER_READY_FD", "x"),
+            ("HANDOVER_CONTROL_FD", "x"),
             ("HANDOVER_GENERATION", "0x10"),
             ("HANDOVER_SUPERVISOR", "me"),
         ] {
@@ -514,21 +518,21 @@ mod tests {
     }
 
     #[test]
-    fn ready_fd_clashes() {
-        // A ready pipe that is also one of the sockets: a duplicated fd.
+    fn control_fd_clashes() {
+        // A control channel that is also one of the sockets: a duplicated fd.
         let (v, p) = err_of(&[
             ("LISTEN_PID", "42"),
             ("LISTEN_FDS", "2"),
-            ("HANDOVER_READY_FD", "4"),
+            ("HANDOVER_CONTROL_FD", "4"),
         ]);
-        assert_eq!(v, "HANDOVER_READY_FD");
+        assert_eq!(v, "HANDOVER_CONTROL_FD");
         assert!(p.contains("also one of"), "{p}");
         let (v, p) = err_of(&[
             ("LISTEN_PID", "42"),
             ("LISTEN_FDS", "0"),
-            ("HANDOVER_READY_FD", "1"),
+            ("HANDOVER_CONTROL_FD", "1"),
         ]);
-        assert_eq!(v, "HANDOVER_READY_FD");
+        assert_eq!(v, "HANDOVER_CONTROL_FD");
         assert!(p.contains("stdio"), "{p}");
     }
 

@@ -78,10 +78,11 @@ pub(crate) fn non_socket_kind(fd: BorrowedFd<'_>) -> io::Result<Option<&'static 
     })
 }
 
-/// Whether an fd is a pipe (FIFO).
-pub(crate) fn is_pipe(fd: BorrowedFd<'_>) -> io::Result<bool> {
-    let stat = fstat(fd)?;
-    Ok(SFlag::from_bits_truncate(stat.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFIFO)
+/// Registers an fd we own with Tokio's reactor (it must be non-blocking).
+pub(crate) fn async_fd(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: the AsyncFd owns the OwnedFd, which stays open and is neither
+    // replaced nor closed for as long as it is registered.
+    unsafe { AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)
 }
 
 /// Duplicates an fd to a number at least `min`, close-on-exec.

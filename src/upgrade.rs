@@ -8,11 +8,10 @@ use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncReadExt;
-use tokio::net::unix::pipe;
 use tokio::time::Sleep;
-use tracing::{error, info, info_span, warn, Instrument};
+use tracing::{debug, error, info, info_span, warn, Instrument};
 
+use crate::channel::{self, Message};
 use crate::error::{Error, Result};
 use crate::handover::{lock, Handover};
 use crate::lifecycle::UpgradeSlot;
@@ -37,7 +36,7 @@ enum Waited {
     Ready,
     /// Ready, but this generation was told to stop meanwhile.
     ReadyWhileStopping,
-    PipeClosed,
+    ChannelClosed,
     Exited(nix::sys::wait::WaitStatus),
     TimedOut,
     Abandoned,
@@ -166,11 +165,11 @@ impl Handover {
             });
         }
         let started = Instant::now();
-        let (ready_read, ready_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-            .map_err(|e| Error::io("creating the ready pipe", e.into()))?;
+        let (ours, theirs) =
+            channel::pair().map_err(|e| Error::io("creating the control channel", e))?;
         // Everything that needs the runtime's drivers is made before the
         // fork: a runtime without them fails here, with no child started.
-        let (pipe, timer) = watchers(ready_read, inner.options.ready_timeout)?;
+        let (control, timer) = watchers(ours, inner.options.ready_timeout)?;
         let spawn_error = |source| Error::Spawn {
             executable: executable.clone(),
             source,
@@ -187,7 +186,7 @@ impl Handover {
                 .map_err(|e| Error::io("duplicating the sockets to pass on", e))?;
             let vars = Handoff {
                 names: handoff.iter().map(|(name, _)| *name).collect(),
-                ready_fd: Some(protocol::FIRST_FD + fds.len() as i32),
+                control_fd: Some(protocol::FIRST_FD + fds.len() as i32),
                 generation: inner.generation.saturating_add(1),
                 supervisor: None,
                 notify_socket: inner.notify_socket.as_deref(),
@@ -203,7 +202,7 @@ impl Handover {
             )
             .map_err(spawn_error)?
             .in_new_process_group();
-            fds.push(ready_write);
+            fds.push(theirs);
             (exec, fds)
         };
         let sockets = fds.len() - 1;
@@ -212,7 +211,7 @@ impl Handover {
         let spawned = tokio::task::spawn_blocking(move || {
             let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
             let pid = sys::spawn(exec, &borrowed);
-            // Our copies, the ready pipe's write end among them, close here.
+            // Our copies, the child's end of the channel among them, close here.
             fds.clear();
             pid
         })
@@ -227,7 +226,7 @@ impl Handover {
         let pid = child.pid();
         info!(pid, executable = %executable.display(), sockets, "new generation started; waiting for ready");
 
-        let waited = self.wait_ready(&mut child, pipe, timer).await;
+        let waited = self.wait_ready(&mut child, &control, timer).await;
         let ready_after = started.elapsed();
         let timeout = inner.options.ready_timeout;
         match waited {
@@ -249,8 +248,8 @@ impl Handover {
                     status: sys::exit_status(status),
                 })
             }
-            Waited::PipeClosed => {
-                // The pipe closes when the child exits; give the exit a
+            Waited::ChannelClosed => {
+                // The channel closes when the child exits; give the exit a
                 // moment to be seen, within what is left of the timeout.
                 let left = timeout.saturating_sub(ready_after);
                 match tokio::time::timeout(left, child.wait()).await {
@@ -262,8 +261,11 @@ impl Handover {
                         })
                     }
                     _ => {
-                        self.stop_failed(&mut child, "it closed the ready pipe without a word")
-                            .await;
+                        self.stop_failed(
+                            &mut child,
+                            "it closed its control channel without a word",
+                        )
+                        .await;
                         Err(Error::ReadyTimeout { pid, timeout })
                     }
                 }
@@ -297,20 +299,26 @@ impl Handover {
     async fn wait_ready(
         &self,
         child: &mut Child,
-        mut pipe: pipe::Receiver,
+        control: &channel::Receiver,
         mut timer: Pin<Box<Sleep>>,
     ) -> Waited {
         let watch = self.watch();
-        let mut byte = [0u8; 1];
+        let ready = async {
+            loop {
+                match control.recv().await {
+                    Ok(Some(Message::Ready)) => return Waited::Ready,
+                    Ok(Some(other)) => debug!(?other, "control message before ready"),
+                    Ok(None) => return Waited::ChannelClosed,
+                    Err(e) => return Waited::Failed(e),
+                }
+            }
+        };
+        tokio::pin!(ready);
         let waited = tokio::select! {
             // Readiness first: when it comes together with the timeout or a
             // stop, the child is serving and must not be killed.
             biased;
-            read = pipe.read(&mut byte) => match read {
-                Ok(1) => Waited::Ready,
-                Ok(_) => Waited::PipeClosed,
-                Err(e) => Waited::Failed(e),
-            },
+            waited = &mut ready => waited,
             status = child.wait() => match status {
                 Ok(status) => Waited::Exited(status),
                 Err(e) => Waited::Failed(e),
@@ -318,13 +326,17 @@ impl Handover {
             () = &mut timer => Waited::TimedOut,
             _ = watch.stopping() => Waited::Abandoned,
         };
-        // The byte may have landed just after the timer or the stop fired.
-        let mut said_ready = || matches!(pipe.try_read(&mut byte), Ok(1));
-        match waited {
-            Waited::TimedOut if said_ready() => Waited::Ready,
-            Waited::Abandoned if said_ready() => Waited::ReadyWhileStopping,
-            other => other,
+        // `ready` may have landed just after the timer or the stop fired.
+        if matches!(waited, Waited::TimedOut | Waited::Abandoned) {
+            let late = tokio::time::timeout(Duration::ZERO, &mut ready).await;
+            if matches!(late, Ok(Waited::Ready)) {
+                return match waited {
+                    Waited::TimedOut => Waited::Ready,
+                    _ => Waited::ReadyWhileStopping,
+                };
+            }
         }
+        waited
     }
 
     /// Stops a failed new generation the way a generation drains: the stop
@@ -382,18 +394,18 @@ fn leftovers(pgid: i32) {
     }
 }
 
-/// The ready pipe's receiver and the ready timer, made before any fork.
-/// Tokio panics when the runtime lacks the I/O or time driver; that panic is
-/// turned into [`Error::NoRuntime`] here, before a child exists.
-fn watchers(ready_read: OwnedFd, timeout: Duration) -> Result<(pipe::Receiver, Pin<Box<Sleep>>)> {
+/// Our end of the control channel and the ready timer, made before any
+/// fork. Tokio panics when the runtime lacks the I/O or time driver; that
+/// panic is turned into [`Error::NoRuntime`] here, before a child exists.
+fn watchers(control: OwnedFd, timeout: Duration) -> Result<(channel::Receiver, Pin<Box<Sleep>>)> {
     let made = std::panic::catch_unwind(AssertUnwindSafe(|| {
         let timer = Box::pin(tokio::time::sleep(timeout));
-        let pipe = pipe::Receiver::from_owned_fd(ready_read);
-        (pipe, timer)
+        let control = channel::Receiver::new(control);
+        (control, timer)
     }));
     match made {
-        Ok((Ok(pipe), timer)) => Ok((pipe, timer)),
-        Ok((Err(e), _)) => Err(Error::io("watching the ready pipe", e)),
+        Ok((Ok(control), timer)) => Ok((control, timer)),
+        Ok((Err(e), _)) => Err(Error::io("watching the control channel", e)),
         Err(_) => Err(Error::NoRuntime {
             operation:
                 "Handover::upgrade (the runtime needs its I/O and time drivers: enable_all())",

@@ -61,7 +61,7 @@ impl Spawner {
         let path = sys::find_program(program, self.path_var())?;
         let vars = Handoff {
             names: sockets.iter().map(|(name, _)| *name).collect(),
-            ready_fd: None,
+            control_fd: None,
             generation,
             supervisor: Some(self.supervisor_pid),
             notify_socket: Some(notify_socket),

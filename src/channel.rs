@@ -1,0 +1,198 @@
+//! The channel between a generation and whoever started it: its previous
+//! generation (library mode) or the `handover run` supervisor. One end of a
+//! `SOCK_SEQPACKET` socket pair, passed at `HANDOVER_CONTROL_FD`; each
+//! message is one packet of ASCII text:
+//!
+//! | message | from | meaning |
+//! |---|---|---|
+//! | `ready` | the generation | it can serve (library mode: the upgrade's success) |
+//! | `parkable` | the generation | it can pause accepting (`park`/`resume`); sent at start |
+//! | `unhealthy <reason>` | the generation | its own verdict (`Handover::unhealthy`) |
+//! | `probation <ms>` | the starter | it is on probation for that long; it may not upgrade meanwhile |
+//! | `promoted` | the starter | probation passed: it is the current generation |
+//! | `park` | the starter | stop accepting, wind connections down, keep listeners and state |
+//! | `resume` | the starter | accept again |
+//!
+//! End of file means the other side is gone. Unknown messages are ignored,
+//! so that either side may be newer.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::time::Duration;
+
+use nix::sys::socket::{self as nsock, AddressFamily, MsgFlags, SockFlag, SockType};
+use tokio::io::unix::AsyncFd;
+
+/// The longest message: a reason is cut to fit.
+pub(crate) const MAX_MESSAGE: usize = 1024;
+
+/// One message of the channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Message {
+    Ready,
+    Parkable,
+    Unhealthy(String),
+    Probation(Duration),
+    Promoted,
+    Park,
+    Resume,
+}
+
+impl Message {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let text = match self {
+            Message::Ready => "ready".to_owned(),
+            Message::Parkable => "parkable".to_owned(),
+            Message::Unhealthy(reason) => {
+                let mut reason: String = reason
+                    .chars()
+                    .map(|c| if c.is_control() { ' ' } else { c })
+                    .collect();
+                while reason.len() > MAX_MESSAGE - 10 {
+                    reason.pop();
+                }
+                format!("unhealthy {reason}")
+            }
+            Message::Probation(d) => format!("probation {}", d.as_millis()),
+            Message::Promoted => "promoted".to_owned(),
+            Message::Park => "park".to_owned(),
+            Message::Resume => "resume".to_owned(),
+        };
+        text.into_bytes()
+    }
+
+    /// `None` for a message this version does not know.
+    pub(crate) fn decode(bytes: &[u8]) -> Option<Message> {
+        let text = std::str::from_utf8(bytes).ok()?;
+        let (word, rest) = text.split_once(' ').unwrap_or((text, ""));
+        Some(match word {
+            "ready" => Message::Ready,
+            "parkable" => Message::Parkable,
+            "unhealthy" => Message::Unhealthy(rest.to_owned()),
+            "probation" => Message::Probation(Duration::from_millis(rest.parse().ok()?)),
+            "promoted" => Message::Promoted,
+            "park" => Message::Park,
+            "resume" => Message::Resume,
+            _ => return None,
+        })
+    }
+}
+
+/// A new socket pair, both ends close-on-exec (and blocking: the end passed
+/// to a child is made non-blocking by whoever reads it).
+pub(crate) fn pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    Ok(nsock::socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )?)
+}
+
+/// Whether `fd` is a seqpacket socket (what `HANDOVER_CONTROL_FD` must be).
+pub(crate) fn is_channel(fd: BorrowedFd<'_>) -> bool {
+    nsock::getsockopt(&fd, nsock::sockopt::SockType).is_ok_and(|t| t == SockType::SeqPacket)
+}
+
+/// Sends one message without blocking (a few bytes into an empty queue);
+/// usable outside a runtime.
+pub(crate) fn send(fd: BorrowedFd<'_>, message: &Message) -> io::Result<()> {
+    let bytes = message.encode();
+    loop {
+        match nsock::send(
+            fd.as_raw_fd(),
+            &bytes,
+            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+        ) {
+            Ok(_) => return Ok(()),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// The receiving side, registered with Tokio.
+pub(crate) struct Receiver {
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl Receiver {
+    /// Registers `fd` (made non-blocking). Panics like every Tokio I/O type
+    /// without the runtime's I/O driver: make it before any fork.
+    pub(crate) fn new(fd: OwnedFd) -> io::Result<Receiver> {
+        let flags = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFL)?;
+        let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+        nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(flags))?;
+        Ok(Receiver {
+            fd: crate::sys::async_fd(fd)?,
+        })
+    }
+
+    /// The next message this version knows; `None` at end of file.
+    pub(crate) async fn recv(&self) -> io::Result<Option<Message>> {
+        let mut buf = [0u8; MAX_MESSAGE];
+        loop {
+            let mut guard = self.fd.readable().await?;
+            let got = guard.try_io(|fd| {
+                match nsock::recv(fd.get_ref().as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
+                    Ok(n) => Ok(n),
+                    Err(e) => Err(io::Error::from(e)),
+                }
+            });
+            match got {
+                Ok(Ok(0)) => return Ok(None),
+                Ok(Ok(n)) => {
+                    if let Some(message) = Message::decode(&buf[..n]) {
+                        return Ok(Some(message));
+                    }
+                    tracing::debug!("unknown control message ignored");
+                }
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn messages_round_trip() {
+        for m in [
+            Message::Ready,
+            Message::Parkable,
+            Message::Unhealthy("disk full".into()),
+            Message::Probation(Duration::from_millis(1500)),
+            Message::Promoted,
+            Message::Park,
+            Message::Resume,
+        ] {
+            assert_eq!(Message::decode(&m.encode()), Some(m));
+        }
+        assert_eq!(Message::decode(b"from the future"), None);
+        assert_eq!(
+            Message::decode(&Message::Unhealthy("a\nb".into()).encode()),
+            Some(Message::Unhealthy("a b".into()))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_pair_carries_messages_and_end_of_file() {
+        let (a, b) = pair().unwrap();
+        assert!(is_channel(a.as_fd()));
+        let rx = Receiver::new(b).unwrap();
+        send(a.as_fd(), &Message::Ready).unwrap();
+        send(a.as_fd(), &Message::Unhealthy("x".into())).unwrap();
+        assert_eq!(rx.recv().await.unwrap(), Some(Message::Ready));
+        assert_eq!(
+            rx.recv().await.unwrap(),
+            Some(Message::Unhealthy("x".into()))
+        );
+        drop(a);
+        assert_eq!(rx.recv().await.unwrap(), None);
+    }
+}
