@@ -45,14 +45,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             listener.describe()
         );
         let watch = handover.watch();
-        loop {
-            tokio::select! {
-                accepted = listener.accept() => {
-                    let Ok(stream) = accepted else { continue };
-                    tokio::spawn(watch.track(session(stream, watch.clone())));
-                }
-                _ = handover.stopping() => break,
-            }
+        while let Some(accepted) = listener.accept().await {
+            let Ok(stream) = accepted else { continue };
+            tokio::spawn(watch.track(session(stream, watch.clone())));
         }
         drop(listener);
         handover.drain().await;
@@ -61,8 +56,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 enum Either {
-    Tcp(tokio::net::TcpListener),
-    Unix(tokio::net::UnixListener),
+    Tcp(handover::Listener<tokio::net::TcpListener>),
+    Unix(handover::Listener<tokio::net::UnixListener>),
 }
 
 type Stream = Box<dyn AsyncReadWrite>;
@@ -70,10 +65,11 @@ trait AsyncReadWrite: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Sen
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> AsyncReadWrite for T {}
 
 impl Either {
-    async fn accept(&self) -> std::io::Result<Stream> {
-        Ok(match self {
-            Either::Tcp(l) => Box::new(l.accept().await?.0),
-            Either::Unix(l) => Box::new(l.accept().await?.0),
+    /// The next connection; `None` once this generation stops.
+    async fn accept(&self) -> Option<std::io::Result<Stream>> {
+        Some(match self {
+            Either::Tcp(l) => l.accept().await?.map(|(s, _)| Box::new(s) as Stream),
+            Either::Unix(l) => l.accept().await?.map(|(s, _)| Box::new(s) as Stream),
         })
     }
 

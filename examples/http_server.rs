@@ -136,36 +136,34 @@ async fn serve(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         unhealthy: args.common.unhealthy,
     });
     let builder = auto::Builder::new(TokioExecutor::new());
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(e) => {
-                        // Out of fds and the like: the connection stays
-                        // queued; try again shortly rather than give up.
-                        warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let app = app.clone();
-                let service = service_fn(move |req| app::respond(req, app.clone()));
-                let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                let conn = watch.graceful(conn, IDLE_GRACE, |conn| conn.graceful_shutdown());
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
-                });
+    // Ends once this generation stops; waits while it is parked (a new
+    // generation on probation beside it).
+    while let Some(accepted) = listener.accept().await {
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of fds and the like: the connection stays queued; try
+                // again shortly rather than give up.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
             }
-            stop = handover.stopping() => {
-                info!(?stop, "no longer accepting");
-                break;
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let service = service_fn(move |req| app::respond(req, app.clone()));
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = watch.graceful(conn, IDLE_GRACE, |conn| conn.graceful_shutdown());
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
             }
-        }
+        });
     }
+    let stop = handover.stopping().await;
+    info!(?stop, "no longer accepting");
     drop(listener);
     let report = handover.drain().await;
     info!(?report, "exiting");
@@ -182,7 +180,7 @@ impl app::App for App {
     }
 
     fn is_stopping(&self) -> bool {
-        self.watch.is_stopping()
+        self.watch.is_winding_down()
     }
 
     fn unhealthy(&self) -> bool {

@@ -18,6 +18,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::socket::{self as nsock, AddressFamily, MsgFlags, SockFlag, SockType};
@@ -113,16 +114,17 @@ pub(crate) fn send(fd: BorrowedFd<'_>, message: &Message) -> io::Result<()> {
 
 /// The receiving side, registered with Tokio.
 pub(crate) struct Receiver {
-    fd: AsyncFd<OwnedFd>,
+    fd: AsyncFd<Arc<OwnedFd>>,
 }
 
 impl Receiver {
     /// Registers `fd` (made non-blocking). Panics like every Tokio I/O type
     /// without the runtime's I/O driver: make it before any fork.
-    pub(crate) fn new(fd: OwnedFd) -> io::Result<Receiver> {
-        let flags = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFL)?;
+    pub(crate) fn new(fd: impl Into<Arc<OwnedFd>>) -> io::Result<Receiver> {
+        let fd = fd.into();
+        let flags = nix::fcntl::fcntl(&*fd, nix::fcntl::FcntlArg::F_GETFL)?;
         let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
-        nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(flags))?;
+        nix::fcntl::fcntl(&*fd, nix::fcntl::FcntlArg::F_SETFL(flags))?;
         Ok(Receiver {
             fd: crate::sys::async_fd(fd)?,
         })

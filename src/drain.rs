@@ -33,15 +33,31 @@ pub enum Stop {
     Shutdown,
 }
 
+/// Whether this generation takes new work.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Gate {
+    /// Paused while a new generation is on probation: no accepting, but
+    /// listeners and state are kept, and it may resume.
+    parked: bool,
+    /// Stopped for good, and why.
+    stop: Option<Stop>,
+}
+
+impl Gate {
+    fn accepting(&self) -> bool {
+        !self.parked && self.stop.is_none()
+    }
+}
+
 /// The sending side; owned by the [`Handover`](crate::Handover).
 pub(crate) struct Drain {
-    stop: watch::Sender<Option<Stop>>,
+    stop: watch::Sender<Gate>,
     guards: Arc<watch::Sender<()>>,
 }
 
 impl Drain {
     pub(crate) fn new() -> Self {
-        let (stop, _) = watch::channel(None);
+        let (stop, _) = watch::channel(Gate::default());
         let (guards, _) = watch::channel(());
         Drain {
             stop,
@@ -52,12 +68,22 @@ impl Drain {
     /// Sets the stop reason, unless one is set already; returns whether it was
     /// this call that set it.
     pub(crate) fn stop(&self, reason: Stop) -> bool {
-        self.stop.send_if_modified(|current| {
-            if current.is_some() {
+        self.stop.send_if_modified(|gate| {
+            if gate.stop.is_some() {
                 return false;
             }
-            *current = Some(reason);
+            gate.stop = Some(reason);
             true
+        })
+    }
+
+    /// Parks (`true`) or resumes (`false`) accepting; returns whether that
+    /// changed anything.
+    pub(crate) fn park(&self, parked: bool) -> bool {
+        self.stop.send_if_modified(|gate| {
+            let changed = gate.parked != parked;
+            gate.parked = parked;
+            changed
         })
     }
 
@@ -102,7 +128,7 @@ pub struct DrainReport {
 /// work. Get one from [`Handover::watch`](crate::Handover::watch).
 #[derive(Clone)]
 pub struct Watch {
-    stop: watch::Receiver<Option<Stop>>,
+    stop: watch::Receiver<Gate>,
     guards: Arc<watch::Sender<()>>,
 }
 
@@ -110,23 +136,40 @@ impl std::fmt::Debug for Watch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Watch")
             .field("stopping", &self.is_stopping())
+            .field("parked", &self.is_parked())
             .field("in_flight", &self.in_flight())
             .finish()
     }
 }
 
 impl Watch {
-    /// Whether this generation has been told to stop accepting.
+    /// Whether this generation has been told to stop for good (replaced,
+    /// or a final stop).
     pub fn is_stopping(&self) -> bool {
-        self.stop.borrow().is_some()
+        self.stop.borrow().stop.is_some()
     }
 
-    /// Resolves when this generation is told to stop accepting, with the
+    /// Whether this generation is parked: a new generation is on probation
+    /// beside it, so it accepts nothing new for now, but keeps its
+    /// listeners and state and may resume (a rollback).
+    pub fn is_parked(&self) -> bool {
+        self.stop.borrow().parked
+    }
+
+    /// Whether connections should wind down: this generation is parked or
+    /// stopping. An HTTP/1 server answers with `Connection: close` then, so
+    /// that clients reconnect (to the generation that accepts) between
+    /// requests; [`Watch::graceful`] closes idle connections then.
+    pub fn is_winding_down(&self) -> bool {
+        !self.stop.borrow().accepting()
+    }
+
+    /// Resolves when this generation is told to stop for good, with the
     /// reason. Cancel-safe.
     pub async fn stopping(&self) -> Stop {
         let mut rx = self.stop.clone();
         loop {
-            if let Some(stop) = rx.borrow_and_update().clone() {
+            if let Some(stop) = rx.borrow_and_update().stop.clone() {
                 return stop;
             }
             if rx.changed().await.is_err() {
@@ -134,6 +177,30 @@ impl Watch {
                 // process exit. Wait forever rather than invent a reason.
                 std::future::pending::<()>().await;
             }
+        }
+    }
+
+    /// Waits until this generation may accept: `true` at once when it may,
+    /// `true` later when it resumes from being parked, `false` once it
+    /// stops for good. Cancel-safe.
+    pub(crate) async fn accepting(&self) -> bool {
+        let mut rx = self.stop.clone();
+        let accepting = match rx.wait_for(|g| g.accepting() || g.stop.is_some()).await {
+            Ok(gate) => Some(gate.stop.is_none()),
+            Err(_) => None,
+        };
+        match accepting {
+            Some(accepting) => accepting,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Resolves when this generation stops accepting (parked or stopping).
+    /// Cancel-safe.
+    pub(crate) async fn winding_down(&self) {
+        let mut rx = self.stop.clone();
+        if rx.wait_for(|g| !g.accepting()).await.is_err() {
+            std::future::pending::<()>().await;
         }
     }
 
@@ -167,9 +234,10 @@ impl Watch {
         }
     }
 
-    /// Wraps a connection future: tracked like [`Watch::track`], and once the
-    /// stop signal has come and `grace` has passed, `on_stop` is called once
-    /// with the pinned connection (for hyper, `|conn| conn.graceful_shutdown()`),
+    /// Wraps a connection future: tracked like [`Watch::track`], and once
+    /// this generation winds down (stopping, or parked while a new
+    /// generation is on probation) and `grace` has passed, `on_stop` is
+    /// called once with the pinned connection (for hyper, `|conn| conn.graceful_shutdown()`),
     /// after which the future is polled to completion as usual.
     ///
     /// The grace lets an HTTP/1 connection finish the exchange it is in and
@@ -182,11 +250,9 @@ impl Watch {
         F: Future,
         C: FnOnce(Pin<&mut F>),
     {
-        let mut stop = self.stop.clone();
+        let watch = self.clone();
         let signal: BoxFuture<'static, ()> = Box::pin(async move {
-            if stop.wait_for(Option::is_some).await.is_err() {
-                std::future::pending::<()>().await;
-            }
+            watch.winding_down().await;
             tokio::time::sleep(grace).await;
         });
         Graceful {
@@ -346,6 +412,33 @@ mod tests {
         assert_eq!(s.next().await, Some(2));
         assert_eq!(s.next().await, None);
         assert_eq!(watch.in_flight(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn parking_winds_down_without_stopping_and_resumes() {
+        let drain = Drain::new();
+        let watch = drain.watch();
+        assert!(watch.accepting().await);
+        assert!(drain.park(true));
+        assert!(!drain.park(true), "already parked");
+        assert!(watch.is_parked() && watch.is_winding_down() && !watch.is_stopping());
+        // Connections wind down on park, like on stop.
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let conn = watch.graceful(rx, Duration::from_millis(10), move |_| drop(tx));
+        assert!(conn.await.is_err(), "closed by on_stop");
+        // Accepting waits for the resume.
+        let waiter = tokio::spawn({
+            let watch = watch.clone();
+            async move { watch.accepting().await }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!waiter.is_finished());
+        drain.park(false);
+        assert!(waiter.await.unwrap(), "resumed");
+        // A stop ends accepting for good, parked or not.
+        drain.park(true);
+        drain.stop(Stop::Shutdown);
+        assert!(!watch.accepting().await);
     }
 
     #[tokio::test]

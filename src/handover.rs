@@ -16,6 +16,7 @@ use crate::drain::{DrainReport, Stop, Watch};
 use crate::error::{Error, Result};
 use crate::lifecycle::Lifecycle;
 use crate::listen::{BindOptions, Registry};
+use crate::listener::Listener;
 use crate::options::Options;
 use crate::protocol::Process;
 use crate::signals::{self, Installed};
@@ -28,7 +29,7 @@ pub(crate) struct Inner {
     pub(crate) notify_socket: Option<String>,
     /// The channel to whoever started us (a previous generation or the
     /// supervisor), when there is one.
-    control: Option<OwnedFd>,
+    control: Option<Arc<OwnedFd>>,
     /// A previous generation of this app started us (rather than systemd,
     /// the supervisor, or nobody): the sockets we inherited are ours.
     from_previous_generation: bool,
@@ -48,6 +49,8 @@ pub(crate) struct Inner {
     process_group: Option<i32>,
     ready_done: AtomicBool,
     signals: Installed,
+    /// Whether the task that reads the control channel runs.
+    control_reader: AtomicBool,
     started: Instant,
 }
 
@@ -182,6 +185,13 @@ impl Handover {
             }
             None => None,
         };
+        if let Some(fd) = &control {
+            // This generation can pause accepting (its listeners are
+            // `Listener`s): say so, so that a probation parks it.
+            if let Err(e) = channel::send(fd.as_fd(), &Message::Parkable) {
+                debug!(error = %e, "cannot announce parkable on the control channel");
+            }
+        }
         if let Some(signal) = options.upgrade_signal {
             sys::ignore_if_default(signal)
                 .map_err(|e| Error::io("ignoring the upgrade signal until ready", e))?;
@@ -219,7 +229,7 @@ impl Handover {
                 supervisor: parsed.supervisor,
                 notify_socket: parsed.notify_socket,
                 from_previous_generation: control.is_some() && parsed.supervisor.is_none(),
-                control,
+                control: control.map(Arc::new),
                 registry: Mutex::new(Registry::new(inherited)),
                 executable,
                 argv,
@@ -230,6 +240,7 @@ impl Handover {
                 process_group: parsed.process_group,
                 ready_done: AtomicBool::new(false),
                 signals: Installed::default(),
+                control_reader: AtomicBool::new(false),
                 started: Instant::now(),
             }),
         })
@@ -258,7 +269,40 @@ impl Handover {
     /// (even one that never becomes ready) rather than kills it.
     fn runtime(&self, operation: &'static str) -> Result<()> {
         tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime { operation })?;
-        signals::install_stop(self, &self.inner.signals)
+        signals::install_stop(self, &self.inner.signals)?;
+        self.read_control();
+        Ok(())
+    }
+
+    /// Starts, once, the task that acts on what whoever started us says on
+    /// the control channel (`park`, `resume`, ...).
+    fn read_control(&self) {
+        let Some(fd) = &self.inner.control else {
+            return;
+        };
+        if self.inner.control_reader.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let receiver = channel::Receiver::new(fd.clone())
+            .inspect_err(|e| warn!(error = %e, "cannot read the control channel"));
+        let Ok(receiver) = receiver else {
+            return;
+        };
+        let lifecycle = self.inner.lifecycle.clone();
+        tokio::spawn(async move {
+            loop {
+                match receiver.recv().await {
+                    Ok(Some(Message::Park)) => lifecycle.park(true),
+                    Ok(Some(Message::Resume)) => lifecycle.park(false),
+                    Ok(Some(other)) => debug!(?other, "control message"),
+                    Ok(None) => return,
+                    Err(e) => {
+                        warn!(error = %e, "cannot read the control channel");
+                        return;
+                    }
+                }
+            }
+        });
     }
 
     /// A TCP listener named `name` on `addr`: the inherited one when a
@@ -270,11 +314,12 @@ impl Handover {
     /// [`Error::ListenerMismatch`] when the socket inherited under `name` is
     /// not a listening TCP socket on `addr`; [`Error::Bind`],
     /// [`Error::DuplicateName`], [`Error::NoRuntime`].
-    pub fn tcp(&self, name: &str, addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+    pub fn tcp(&self, name: &str, addr: SocketAddr) -> Result<Listener<tokio::net::TcpListener>> {
         self.runtime("Handover::tcp")?;
         let std = lock(&self.inner.registry).tcp(name, addr, self.bind_options())?;
         nonblocking(std.set_nonblocking(true))?;
         tokio::net::TcpListener::from_std(std)
+            .map(|l| Listener::new(l, self.watch()))
             .map_err(|e| Error::io("registering a TCP listener with Tokio", e))
     }
 
@@ -286,11 +331,16 @@ impl Handover {
     ///
     /// # Errors
     /// As [`Handover::tcp`].
-    pub fn unix(&self, name: &str, path: impl AsRef<Path>) -> Result<tokio::net::UnixListener> {
+    pub fn unix(
+        &self,
+        name: &str,
+        path: impl AsRef<Path>,
+    ) -> Result<Listener<tokio::net::UnixListener>> {
         self.runtime("Handover::unix")?;
         let std = lock(&self.inner.registry).unix(name, path.as_ref(), self.bind_options())?;
         nonblocking(std.set_nonblocking(true))?;
         tokio::net::UnixListener::from_std(std)
+            .map(|l| Listener::new(l, self.watch()))
             .map_err(|e| Error::io("registering a unix listener with Tokio", e))
     }
 

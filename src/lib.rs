@@ -13,30 +13,23 @@
 //! use handover::{Handover, Options};
 //! use tokio::io::AsyncWriteExt;
 //!
-//! fn main() -> Result<(), Box<dyn std::error::Error>> {
-//!     // First thing, before the runtime: read what a previous generation passed us.
-//!     let handover = Handover::new(Options::default())?;
-//!     tokio::runtime::Runtime::new()?.block_on(async {
-//!         let listener = handover.tcp("echo", "127.0.0.1:0".parse()?)?;
-//!         handover.ready()?; // the previous generation, if any, now drains
-//!         # handover.shutdown(); // (so that this doc test ends at once)
-//!         let watch = handover.watch();
-//!         loop {
-//!             tokio::select! {
-//!                 conn = listener.accept() => {
-//!                     let (mut stream, _) = conn?;
-//!                     tokio::spawn(watch.track(async move {
-//!                         let _ = stream.write_all(b"hello\n").await;
-//!                     }));
-//!                 }
-//!                 _ = handover.stopping() => break, // upgraded, or SIGTERM
-//!             }
-//!         }
-//!         drop(listener); // stop accepting; the socket lives on in the next generation
-//!         let report = handover.drain().await; // in-flight work, up to the drain timeout
-//!         assert!(report.completed);
-//!         Ok(())
-//!     })
+//! #[tokio::main]
+//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let handover = Handover::new(Options::default())?; // what a previous generation passed
+//!     let listener = handover.tcp("echo", "127.0.0.1:0".parse()?)?; // inherited or bound
+//!     handover.ready()?; // the previous generation, if any, now drains
+//!     # handover.shutdown(); // (so that this doc test ends at once)
+//!     let watch = handover.watch();
+//!     // `accept` ends once this generation stops (upgraded, or SIGTERM).
+//!     while let Some(conn) = listener.accept().await {
+//!         let (mut stream, _) = conn?;
+//!         tokio::spawn(watch.track(async move {
+//!             let _ = stream.write_all(b"hello\n").await;
+//!         }));
+//!     }
+//!     let report = handover.drain().await; // in-flight work, up to the drain timeout
+//!     assert!(report.completed);
+//!     Ok(())
 //! }
 //! ```
 //!
@@ -58,6 +51,7 @@ mod error;
 mod handover;
 mod lifecycle;
 mod listen;
+mod listener;
 mod notify;
 mod options;
 mod pidfile;
@@ -72,6 +66,7 @@ mod upgrade;
 pub use crate::drain::{DrainReport, Graceful, Guard, Stop, Tracked, TrackedStream, Watch};
 pub use crate::error::{Error, Result};
 pub use crate::handover::Handover;
+pub use crate::listener::{Accept, Listener};
 pub use crate::options::Options;
 pub use crate::upgrade::Upgraded;
 /// The signal type of the API ([`Options::upgrade_signal`],

@@ -115,6 +115,22 @@ impl Lifecycle {
         self.drain.stop(Stop::Shutdown)
     }
 
+    /// Parks (stops accepting for now, winding connections down, keeping
+    /// listeners and state) or resumes this generation.
+    pub(crate) fn park(&self, parked: bool) {
+        if self.drain.park(parked) {
+            tracing::info!(
+                pid = std::process::id(),
+                "{}",
+                if parked {
+                    "parked: accepting nothing new while the new generation is on probation"
+                } else {
+                    "resumed: accepting again"
+                }
+            );
+        }
+    }
+
     /// Waits until no upgrade is running (at once when none is).
     pub(crate) async fn settled(&self) {
         let mut rx = self.state.subscribe();

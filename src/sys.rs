@@ -78,10 +78,12 @@ pub(crate) fn non_socket_kind(fd: BorrowedFd<'_>) -> io::Result<Option<&'static 
     })
 }
 
-/// Registers an fd we own with Tokio's reactor (it must be non-blocking).
-pub(crate) fn async_fd(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
-    // SAFETY: the AsyncFd owns the OwnedFd, which stays open and is neither
-    // replaced nor closed for as long as it is registered.
+/// Registers an fd we own (an `OwnedFd`, or an `Arc` of one) with Tokio's
+/// reactor (it must be non-blocking).
+pub(crate) fn async_fd<T: AsRawFd>(fd: T) -> io::Result<AsyncFd<T>> {
+    // SAFETY: the AsyncFd owns `fd` (an OwnedFd, or a share of one): the fd
+    // stays open, and is neither replaced nor closed, for as long as it is
+    // registered.
     unsafe { AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)
 }
 
