@@ -20,7 +20,10 @@
 //! `--max-draining N` (8), `--failed-drain-timeout-ms N` (the drain timeout),
 //! `--never-ready` (takes the sockets and serves, but never says ready: a
 //! broken release), `--unhealthy` (`GET /healthz` answers 503 instead of
-//! 200), `--crash-after-ready-ms N` (exits 1 N ms after it is ready).
+//! 200), `--crash-after-ready-ms N` (exits 1 N ms after it is ready), and
+//! for probation (`Options::probation`): `--probation-ms N` (0),
+//! `--health-path PATH` (an HTTP check of `GET PATH` on the listener's
+//! address), `--health-interval-ms N` (500), `--health-threshold N` (3).
 //!
 //! Draining keeps every request: HTTP/1 responses get `Connection: close`
 //! once the generation is stopping, so clients reconnect (to the new
@@ -61,6 +64,10 @@ fn parse_args() -> Result<Args, String> {
             "--failed-drain-timeout-ms" => options.clone().failed_drain_timeout(value.ms()?),
             "--max-draining" => options.clone().max_draining(value.number()?),
             "--pid-file" => options.clone().pid_file(value.string()?),
+            "--probation-ms" => options.clone().probation(value.ms()?),
+            "--health-path" => options.clone().health_http(value.string()?),
+            "--health-interval-ms" => options.clone().health_interval(value.ms()?),
+            "--health-threshold" => options.clone().health_threshold(value.number()?),
             "--child-probe" => {
                 child_probe = true;
                 return Ok(true);

@@ -130,6 +130,12 @@ impl Receiver {
         })
     }
 
+    /// The fd, to send on.
+    pub(crate) fn as_fd(&self) -> BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.fd.get_ref().as_fd()
+    }
+
     /// The next message this version knows; `None` at end of file.
     pub(crate) async fn recv(&self) -> io::Result<Option<Message>> {
         let mut buf = [0u8; MAX_MESSAGE];

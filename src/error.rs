@@ -97,6 +97,20 @@ pub enum Error {
     },
     /// An upgrade is already running; this trigger was refused.
     UpgradeInProgress,
+    /// The new generation was ready but failed its probation (it exited,
+    /// failed its health check, or said it was unhealthy). This generation
+    /// resumed serving; the new one was stopped.
+    ProbationFailed {
+        /// The new generation's pid.
+        pid: i32,
+        /// What failed.
+        reason: String,
+        /// How long after its ready it failed.
+        after_ready: Duration,
+    },
+    /// This generation is on probation (a previous generation may still
+    /// roll back to itself): it starts no upgrade until promoted.
+    OnProbation,
     /// Too many earlier generations are still draining
     /// ([`Options::max_draining`](crate::Options::max_draining)); the upgrade
     /// was refused. Try again once one has exited.
@@ -242,6 +256,20 @@ impl fmt::Display for Error {
             Error::UpgradeInProgress => {
                 write!(f, "an upgrade is already in progress; trigger refused")
             }
+            Error::ProbationFailed {
+                pid,
+                reason,
+                after_ready,
+            } => write!(
+                f,
+                "the new generation (pid {pid}) failed its probation {} ms after it was ready: \
+                 {reason}; rolled back, the old generation serves again",
+                after_ready.as_millis()
+            ),
+            Error::OnProbation => write!(
+                f,
+                "this generation is still on probation; it starts no upgrade until promoted"
+            ),
             Error::TooManyDraining { draining, max } => write!(
                 f,
                 "{draining} earlier generations are still draining (at most {max}, \

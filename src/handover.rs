@@ -294,8 +294,21 @@ impl Handover {
                 match receiver.recv().await {
                     Ok(Some(Message::Park)) => lifecycle.park(true),
                     Ok(Some(Message::Resume)) => lifecycle.park(false),
+                    Ok(Some(Message::Probation(window))) => info!(
+                        window_ms = window.as_millis() as u64,
+                        "on probation: the previous generation rolls back to itself if this one fails"
+                    ),
+                    Ok(Some(Message::Promoted)) => {
+                        lifecycle.set_on_probation(false);
+                        info!("promoted: this generation is current");
+                    }
                     Ok(Some(other)) => debug!(?other, "control message"),
-                    Ok(None) => return,
+                    Ok(None) => {
+                        // Whoever started us is gone: nobody can roll back
+                        // any more, this generation is current.
+                        lifecycle.set_on_probation(false);
+                        return;
+                    }
                     Err(e) => {
                         warn!(error = %e, "cannot read the control channel");
                         return;
@@ -429,6 +442,10 @@ impl Handover {
         // logged, since returning one could make the app exit with nobody
         // left to serve.
         self.write_pid_file();
+        if self.inner.from_previous_generation {
+            // Current only once the previous generation promotes us.
+            self.inner.lifecycle.set_on_probation(true);
+        }
         if let Some(fd) = &self.inner.control {
             match channel::send(fd.as_fd(), &Message::Ready) {
                 Ok(()) => {}
@@ -473,6 +490,25 @@ impl Handover {
         };
         if let Err(e) = crate::pidfile::remove_if_names(path, std::process::id() as i32) {
             warn!(path = %path.display(), error = %e, "cannot remove the PID file");
+        }
+    }
+
+    /// Says that this generation is unhealthy, with a reason: while it is on
+    /// probation, the previous generation (or the `handover run` supervisor)
+    /// then rolls back to itself and stops this one. Outside a probation it
+    /// is logged (and, under the supervisor, counts as a failed liveness
+    /// check).
+    pub fn unhealthy(&self, reason: &str) {
+        warn!(
+            generation = self.inner.generation,
+            pid = std::process::id(),
+            reason,
+            "unhealthy"
+        );
+        if let Some(fd) = &self.inner.control {
+            if let Err(e) = channel::send(fd.as_fd(), &Message::Unhealthy(reason.to_owned())) {
+                debug!(error = %e, "nobody to tell that this generation is unhealthy");
+            }
         }
     }
 

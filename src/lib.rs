@@ -55,6 +55,7 @@ mod listener;
 mod notify;
 mod options;
 mod pidfile;
+mod probation;
 mod protocol;
 mod signals;
 mod supervisor;

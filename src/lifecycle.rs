@@ -43,6 +43,9 @@ struct State {
     /// A new generation said it was ready on our sockets (even if a final
     /// stop raced with it): they are no longer ours alone.
     replaced: bool,
+    /// This generation is ready but not promoted yet: the previous one may
+    /// still roll back to itself, so this one starts no upgrade.
+    on_probation: bool,
 }
 
 /// The owner of this generation's state and of its drain.
@@ -57,6 +60,7 @@ impl Lifecycle {
             phase: Phase::Serving,
             stop_requested: false,
             replaced: false,
+            on_probation: false,
         });
         Arc::new(Lifecycle {
             state,
@@ -81,6 +85,10 @@ impl Lifecycle {
     pub(crate) fn begin_upgrade(self: &Arc<Self>) -> Result<UpgradeSlot> {
         let mut refusal = None;
         self.state.send_if_modified(|s| match s.phase {
+            Phase::Serving if s.on_probation => {
+                refusal = Some(Error::OnProbation);
+                false
+            }
             Phase::Serving => {
                 s.phase = Phase::Upgrading;
                 true
@@ -113,6 +121,16 @@ impl Lifecycle {
             Phase::Stopping => {}
         });
         self.drain.stop(Stop::Shutdown)
+    }
+
+    /// Marks this generation as on probation (ready, not promoted yet) or
+    /// not.
+    pub(crate) fn set_on_probation(&self, on: bool) {
+        self.state.send_if_modified(|s| {
+            let changed = s.on_probation != on;
+            s.on_probation = on;
+            changed
+        });
     }
 
     /// Parks (stops accepting for now, winding connections down, keeping
@@ -206,6 +224,7 @@ mod tests {
             pid: 2,
             generation: 2,
             ready_after: std::time::Duration::ZERO,
+            probation: std::time::Duration::ZERO,
         }
     }
 

@@ -359,6 +359,14 @@ impl Registry {
         names
     }
 
+    /// The local address of the first TCP listener, if any.
+    pub(crate) fn first_tcp_address(&self) -> Option<SocketAddr> {
+        self.entries
+            .iter()
+            .filter(|e| e.kind == Kind::Tcp)
+            .find_map(|e| SockRef::from(&e.fd).local_addr().ok()?.as_socket())
+    }
+
     /// The fds to pass to the next generation, with their names, in order.
     pub(crate) fn handoff(&self) -> Vec<(&str, BorrowedFd<'_>)> {
         self.entries

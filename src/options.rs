@@ -33,6 +33,22 @@ pub struct Options {
     pub(crate) executable: Option<PathBuf>,
     pub(crate) pid_file: Option<PathBuf>,
     pub(crate) socket_hook: Option<SocketHook>,
+    pub(crate) probation: Duration,
+    pub(crate) health: Option<Health>,
+    pub(crate) health_interval: Duration,
+    pub(crate) health_timeout: Duration,
+    pub(crate) health_threshold: u32,
+}
+
+/// A health check run during a probation (see [`Options::probation`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Health {
+    /// `GET path` on the first TCP listener's address: 2xx or 3xx is healthy.
+    Http(String),
+    /// A TCP connect to the first TCP listener's address.
+    Tcp,
+    /// `sh -c CMD` exits 0 (with `HANDOVER_PID` and `HANDOVER_GENERATION`).
+    Exec(String),
 }
 
 impl Default for Options {
@@ -49,6 +65,11 @@ impl Default for Options {
             executable: None,
             pid_file: None,
             socket_hook: None,
+            probation: Duration::ZERO,
+            health: None,
+            health_interval: Duration::from_millis(500),
+            health_timeout: Duration::from_secs(1),
+            health_threshold: 3,
         }
     }
 }
@@ -70,6 +91,11 @@ impl fmt::Debug for Options {
             .field("executable", &self.executable)
             .field("pid_file", &self.pid_file)
             .field("socket_hook", &self.socket_hook.as_ref().map(|_| "set"))
+            .field("probation", &self.probation)
+            .field("health", &self.health)
+            .field("health_interval", &self.health_interval)
+            .field("health_timeout", &self.health_timeout)
+            .field("health_threshold", &self.health_threshold)
             .finish()
     }
 }
@@ -87,6 +113,76 @@ impl Options {
     /// before it gives up on it. Default 30 s (Kubernetes' grace period).
     pub fn drain_timeout(mut self, timeout: Duration) -> Self {
         self.drain_timeout = timeout;
+        self
+    }
+
+    /// How long a new generation stays on probation after it is ready.
+    /// Default zero: none.
+    ///
+    /// During the window the old generation stays alive, **parked**: it
+    /// accepts no new connection (every new connection goes to the new
+    /// generation through the shared queue, so a health check on the
+    /// listener's address reaches only the new one), finishes its in-flight
+    /// work and winds idle connections down, but keeps its listeners and its
+    /// state. The new generation must stay alive, pass the health check (see
+    /// [`health_http`](Options::health_http)) and not declare itself
+    /// [`unhealthy`](crate::Handover::unhealthy). When the window passes, the
+    /// old generation drains and exits as after any upgrade, and
+    /// [`upgrade`](crate::Handover::upgrade)'s outcome arrives. On a failure
+    /// inside it, the old generation resumes accepting at once, the new one
+    /// is stopped like a failed upgrade, and the outcome is
+    /// [`Error::ProbationFailed`](crate::Error::ProbationFailed).
+    ///
+    /// Off by default: it keeps two processes for the window and delays every
+    /// outcome by it, and the right length depends on how soon the app shows
+    /// a fault (its warm-up, its first requests). A few times the health
+    /// interval × threshold is a good start.
+    pub fn probation(mut self, window: Duration) -> Self {
+        self.probation = window;
+        self
+    }
+
+    /// During a probation, `GET path` on the address of the first TCP
+    /// listener (its loopback address when bound to any), with
+    /// `Connection: close`: 2xx or 3xx is healthy. Default: no health check
+    /// (only staying alive and [`unhealthy`](crate::Handover::unhealthy)).
+    pub fn health_http(mut self, path: impl Into<String>) -> Self {
+        self.health = Some(Health::Http(path.into()));
+        self
+    }
+
+    /// During a probation, a TCP connect to the first TCP listener's
+    /// address (it shows the new generation accepts).
+    pub fn health_tcp(mut self) -> Self {
+        self.health = Some(Health::Tcp);
+        self
+    }
+
+    /// During a probation, `sh -c command`, run with `HANDOVER_PID` and
+    /// `HANDOVER_GENERATION` naming the new generation; exit status 0 is
+    /// healthy. It runs in a process group of its own, killed at the health
+    /// timeout.
+    pub fn health_exec(mut self, command: impl Into<String>) -> Self {
+        self.health = Some(Health::Exec(command.into()));
+        self
+    }
+
+    /// Time between two health checks. Default 500 ms.
+    pub fn health_interval(mut self, interval: Duration) -> Self {
+        self.health_interval = interval;
+        self
+    }
+
+    /// How long one health check may take before it counts as failed.
+    /// Default 1 s.
+    pub fn health_timeout(mut self, timeout: Duration) -> Self {
+        self.health_timeout = timeout;
+        self
+    }
+
+    /// Failed health checks in a row that fail the probation. Default 3.
+    pub fn health_threshold(mut self, failures: u32) -> Self {
+        self.health_threshold = failures.max(1);
         self
     }
 

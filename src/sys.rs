@@ -608,14 +608,15 @@ impl Child {
         self.detached = true;
     }
 
-    /// Sends `signal` to the child's whole process group when it leads one,
-    /// else to the child alone.
-    pub(crate) fn signal_group(&self, signal: Signal) -> io::Result<()> {
+    /// Sends `signal` to the child, and to the process group it was started
+    /// in when it leads one (it may have moved to another group since: what
+    /// it started before stays in the first).
+    pub(crate) fn signal_everything(&self, signal: Signal) -> io::Result<()> {
+        let own = self.signal(signal);
         if self.group {
-            signal_group(self.pid, signal)
-        } else {
-            self.signal(signal)
+            signal_group(self.pid, signal)?;
         }
+        own
     }
 
     /// The child's pid.

@@ -15,6 +15,7 @@ use crate::channel::{self, Message};
 use crate::error::{Error, Result};
 use crate::handover::{lock, Handover};
 use crate::lifecycle::UpgradeSlot;
+use crate::probation::Verdict;
 use crate::protocol::{self, Handoff, Process};
 use crate::sys::{self, Child, Exec};
 use crate::Signal;
@@ -29,6 +30,8 @@ pub struct Upgraded {
     pub generation: u64,
     /// Time from the start of the upgrade to the new generation's ready.
     pub ready_after: Duration,
+    /// Time the new generation then spent on probation (zero without one).
+    pub probation: Duration,
 }
 
 /// How the wait for the new generation ended.
@@ -118,9 +121,9 @@ impl Handover {
                     slot.succeed(up.clone());
                 }
                 Err(e) => {
-                    error!(error = %e.report(), "upgrade failed; this generation keeps serving");
                     // The PID file names the generation that serves: this one.
                     self.write_pid_file();
+                    error!(error = %e.report(), "upgrade failed; this generation keeps serving");
                     slot.fail();
                 }
             }
@@ -234,11 +237,13 @@ impl Handover {
                 // A generation serves on our sockets now: they are no longer
                 // ours alone to clean up.
                 slot.mark_replaced();
+                let probation = self.promote(&mut child, &control, ready_after).await?;
                 child.detach();
                 Ok(Upgraded {
                     pid,
                     generation: inner.generation.saturating_add(1),
                     ready_after,
+                    probation,
                 })
             }
             Waited::Exited(status) => {
@@ -294,6 +299,66 @@ impl Handover {
                 Err(Error::io("waiting for the new generation", e))
             }
         }
+    }
+
+    /// After the new generation is ready: its probation, if any (this
+    /// generation parked meanwhile), then its promotion. Returns the time
+    /// spent on probation; on a failure this generation has resumed and the
+    /// new one is stopped.
+    async fn promote(
+        &self,
+        child: &mut Child,
+        control: &channel::Receiver,
+        ready_after: Duration,
+    ) -> Result<Duration> {
+        let window = self.inner.options.probation;
+        let ready_at = Instant::now();
+        let pid = child.pid();
+        if !window.is_zero() {
+            let lifecycle = &self.inner.lifecycle;
+            lifecycle.park(true);
+            let verdict = self.probation(child, control, ready_at).await;
+            match verdict {
+                Verdict::Promoted => {
+                    info!(
+                        pid,
+                        probation_ms = ready_at.elapsed().as_millis() as u64,
+                        "probation passed"
+                    );
+                }
+                Verdict::Failed(reason) => {
+                    let after_ready = ready_at.elapsed();
+                    // Serve again first: within moments of the detection.
+                    lifecycle.park(false);
+                    self.write_pid_file();
+                    warn!(
+                        pid,
+                        after_ready_ms = after_ready.as_millis() as u64,
+                        ready_ms = ready_after.as_millis() as u64,
+                        reason,
+                        "probation failed: rolled back, this generation serves again"
+                    );
+                    self.stop_failed(child, "it failed its probation").await;
+                    return Err(Error::ProbationFailed {
+                        pid,
+                        reason,
+                        after_ready,
+                    });
+                }
+                Verdict::Stopped => {
+                    self.stop_failed(
+                        child,
+                        "this generation was told to stop during its probation",
+                    )
+                    .await;
+                    return Err(Error::Stopping);
+                }
+            }
+        }
+        if let Err(e) = channel::send(control.as_fd(), &Message::Promoted) {
+            debug!(pid, error = %e, "cannot tell the new generation it is promoted");
+        }
+        Ok(ready_at.elapsed())
     }
 
     async fn wait_ready(
@@ -358,7 +423,7 @@ impl Handover {
             sigkill_in_ms = grace.as_millis() as u64,
             "stopping the failed new generation: {why}"
         );
-        if let Err(e) = child.signal_group(signal) {
+        if let Err(e) = child.signal_everything(signal) {
             warn!(pid, error = %e, "cannot send the stop signal to the failed new generation");
         }
         match tokio::time::timeout(grace, child.wait()).await {
@@ -371,7 +436,7 @@ impl Handover {
                     pid,
                     "the failed new generation did not exit in time: SIGKILL"
                 );
-                if let Err(e) = child.signal_group(Signal::SIGKILL) {
+                if let Err(e) = child.signal_everything(Signal::SIGKILL) {
                     warn!(pid, error = %e, "cannot kill the failed new generation");
                 }
                 match child.wait().await {
