@@ -58,7 +58,9 @@ fn main() {
 fn run() -> Result<(), String> {
     let started = Instant::now();
     let built = common::build_examples(&["http_server"])?;
-    println!("\nrollbacks on probation, library mode ({ROLLBACKS} each, keep-alive x{CONNECTIONS})");
+    println!(
+        "\nrollbacks on probation, library mode ({ROLLBACKS} each, keep-alive x{CONNECTIONS})"
+    );
     println!("machine: {}", common::machine());
     println!(
         "\n| {:<38} | {:>20} | {:>19} | {:>25} |",
@@ -97,7 +99,12 @@ fn rollbacks(http_server: &Path, kind: &Kind) -> Result<(Vec<Duration>, Vec<u64>
     let mut cmd = Command::new(&exe);
     cmd.args(["--listen", "127.0.0.1:0", "--probation-ms", "5000"])
         .args(["--health-path", "/healthz", "--health-interval-ms", "100"])
-        .args(["--health-threshold", "3", "--failed-drain-timeout-ms", "2000"]);
+        .args([
+            "--health-threshold",
+            "3",
+            "--failed-drain-timeout-ms",
+            "2000",
+        ]);
     let server = Server::spawn(cmd).map_err(|e| e.to_string())?;
     common::register_group(server.pid());
     let gen1 = server.wait_ready(1, WAIT).map_err(|e| e.to_string())?;

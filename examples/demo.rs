@@ -2,9 +2,12 @@
 //!
 //! Builds the `http_server` example, copies it to a temporary directory (so that a release
 //! can be deployed at its path), starts it, drives HTTP load at it (persistent connections and
-//! a connection per request, side by side), and upgrades it 12 times while the load runs: 11
-//! healthy releases and one broken release that never becomes ready, which is killed at the
-//! ready timeout while the running generation keeps serving (the rollback). Then it prints
+//! a connection per request, side by side), and upgrades it 12 times while the load runs: 10
+//! healthy releases, one broken release that never becomes ready (stopped at the ready
+//! timeout while the running generation keeps serving), and one that says ready but answers
+//! 503 on `/healthz`, caught on probation: every upgrade has a 500 ms probation with a health
+//! check every 100 ms, during which the old generation stays parked, and it resumes at once
+//! when the check fails three times (the rollback after ready). Then it prints
 //! what the load saw: requests sent, failed requests by class, latency, and the time from
 //! each trigger to the new generation being ready. About 20 seconds.
 //!
@@ -28,8 +31,12 @@ use handover::testkit::{Counters, Exit, Load, LoadConfig, Mode, Report, Server};
 
 /// Upgrades triggered.
 const UPGRADES: u64 = 12;
-/// Which of them deploys the broken release.
+/// Which of them deploys the release that never becomes ready.
 const BAD_UPGRADE: u64 = 6;
+/// Which of them deploys the release that is ready but unhealthy (caught on probation).
+const UNHEALTHY_UPGRADE: u64 = 9;
+/// The probation of every upgrade.
+const PROBATION: Duration = Duration::from_millis(500);
 /// The server's ready timeout: how long the broken release gets before it is killed.
 const READY_TIMEOUT: Duration = Duration::from_millis(1000);
 /// Load runs at least this long on each generation before the next trigger (pacing, so the
@@ -78,7 +85,16 @@ fn run() -> Result<bool, String> {
     let mut cmd = Command::new(&exe);
     cmd.args(["--listen", "127.0.0.1:0", "--drain-timeout-ms", "5000"])
         .arg("--ready-timeout-ms")
-        .arg(READY_TIMEOUT.as_millis().to_string());
+        .arg(READY_TIMEOUT.as_millis().to_string())
+        .arg("--probation-ms")
+        .arg(PROBATION.as_millis().to_string())
+        .args(["--health-path", "/healthz", "--health-interval-ms", "100"])
+        .args([
+            "--health-threshold",
+            "3",
+            "--failed-drain-timeout-ms",
+            "2000",
+        ]);
     let server = Server::spawn(cmd).map_err(|e| e.to_string())?;
     common::register_group(server.pid());
     let first = server.wait_ready(1, WAIT).map_err(|e| e.to_string())?;
@@ -121,7 +137,26 @@ fn run() -> Result<bool, String> {
         progress.upgrade.store(n, Ordering::SeqCst);
         let step = Instant::now();
         let outcome = if n == BAD_UPGRADE {
-            bad_upgrade(&server, &exe, original, &current)?
+            bad_upgrade(
+                &server,
+                &exe,
+                original,
+                &current,
+                "# a broken release: hangs at start-up, never ready\nexec sleep 30",
+                &format!("never ready: stopped at the {READY_TIMEOUT:?} ready timeout"),
+            )?
+        } else if n == UNHEALTHY_UPGRADE {
+            bad_upgrade(
+                &server,
+                &exe,
+                original,
+                &current,
+                &format!(
+                    "# ready, but /healthz answers 503\nexec {} \"$@\" --unhealthy",
+                    original.display()
+                ),
+                "ready but unhealthy: caught on probation, rolled back",
+            )?
         } else {
             let (outcome, next) = good_upgrade(&server, &loads, &current)?;
             if let Some(next) = next {
@@ -162,8 +197,27 @@ fn good_upgrade(
     server
         .signal(current.pid, handover::Signal::SIGHUP)
         .map_err(|e| e.to_string())?;
-    let next = match server.wait_ready(current.generation + 1, WAIT) {
-        Ok(next) => next,
+    // The first ready line of the next generation that no rolled-back
+    // release printed before this trigger.
+    let wanted = current.generation + 1;
+    let seen: Vec<i32> = server
+        .readies()
+        .iter()
+        .filter(|r| r.generation == wanted)
+        .map(|r| r.pid)
+        .collect();
+    let next = server
+        .wait_line(
+            |line| {
+                handover::testkit::Ready::parse(line)
+                    .is_some_and(|r| r.generation == wanted && !seen.contains(&r.pid))
+            },
+            WAIT,
+        )
+        .map(|line| handover::testkit::Ready::parse(&line));
+    let next = match next {
+        Ok(Some(next)) => next,
+        Ok(None) => return Err("a ready line that does not parse".to_owned()),
         Err(e) => {
             return Ok((
                 Outcome {
@@ -202,18 +256,17 @@ fn good_upgrade(
     ))
 }
 
-/// Deploys a release that never becomes ready, SIGHUPs, and waits for the server to report
-/// the failed upgrade; then deploys the good release back.
+/// Deploys a broken release (`script`), SIGHUPs, and waits for the server to report the
+/// failed upgrade; then deploys the good release back.
 fn bad_upgrade(
     server: &Server,
     exe: &Path,
     good: &Path,
     current: &handover::testkit::Ready,
+    script: &str,
+    what: &str,
 ) -> Result<Outcome, String> {
-    deploy(
-        exe,
-        Deploy::Script("# a broken release: hangs at start-up, never ready\nexec sleep 30"),
-    )?;
+    deploy(exe, Deploy::Script(script))?;
     let failures_before = server
         .stderr()
         .matches("upgrade failed; this generation keeps serving")
@@ -227,9 +280,15 @@ fn bad_upgrade(
         READY_TIMEOUT + WAIT,
     );
     deploy(exe, Deploy::Binary(good))?;
+    // The serving generation is the same one, alive, answering.
     let rolled_back = result.is_ok()
-        && server.latest_ready().map(|r| r.generation) == Some(current.generation)
-        && handover::testkit::is_alive(current.pid);
+        && handover::testkit::is_alive(current.pid)
+        && server
+            .stderr()
+            .lines()
+            .rev()
+            .find(|l| l.contains("resumed: accepting again") || l.contains("upgrade failed"))
+            .is_some();
     Ok(Outcome {
         bad: true,
         ok: false,
@@ -237,9 +296,8 @@ fn bad_upgrade(
         old_exit_after_ready: None,
         note: if rolled_back {
             format!(
-                "broken release (never ready): killed at the {:?} ready timeout; \
-                 generation {} (pid {}) kept serving",
-                READY_TIMEOUT, current.generation, current.pid
+                "broken release ({what}); generation {} (pid {}) kept serving",
+                current.generation, current.pid
             )
         } else {
             format!(
@@ -373,7 +431,7 @@ fn print_table(
     }
     if !exit.is_empty() {
         println!(
-            "  ready -> old exit   median {} (the old generation drains, then exits 0)",
+            "  ready -> old exit   median {} (probation, then the old generation drains and exits 0)",
             ms(common::median_d(&exit))
         );
     }
@@ -404,10 +462,10 @@ fn print_table(
     if let Some(exit) = final_exit {
         println!("  final SIGTERM: the last generation drained and ended by {exit}");
     }
-    let passed = failures.total() == 0 && good_ok == good.len() && bad_rolled_back == 1;
+    let passed = failures.total() == 0 && good_ok == good.len() && bad_rolled_back == 2;
     if passed {
         println!(
-            "  => 0 failed requests across {} upgrades and 1 rolled-back bad release.",
+            "  => 0 failed requests across {} upgrades and 2 rolled-back bad releases.",
             good_ok
         );
     } else {
