@@ -17,6 +17,7 @@
 //! `--upgrade-endpoint` (enables `POST /upgrade`, a programmatic upgrade
 //! that answers with its outcome: `upgraded pid=.. generation=.. ready_ms=..`,
 //! or 500 and the reason), `--pid-file PATH` (`Options::pid_file`),
+//! `GET /metrics` (`Handover::metrics` in the Prometheus text format),
 //! `--max-draining N` (8), `--failed-drain-timeout-ms N` (the drain timeout),
 //! `--never-ready` (takes the sockets and serves, but never says ready: a
 //! broken release), `--unhealthy` (`GET /healthz` answers 503 instead of
@@ -213,6 +214,9 @@ impl app::App for App {
                         r
                     }
                 }
+            }
+            "/metrics" => {
+                Response::new(Full::new(Bytes::from(self.handover.metrics().to_string())))
             }
             "/child" if self.child_probe => {
                 let output = tokio::process::Command::new("/bin/sh")

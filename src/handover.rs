@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::lifecycle::Lifecycle;
 use crate::listen::{BindOptions, Registry};
 use crate::listener::Listener;
+use crate::metrics::Counters;
 use crate::options::Options;
 use crate::protocol::Process;
 use crate::signals::{self, Installed};
@@ -47,8 +48,11 @@ pub(crate) struct Inner {
     /// The process group to join once this generation is current (it was
     /// started in a group of its own).
     process_group: Option<i32>,
-    ready_done: AtomicBool,
+    pub(crate) ready_done: AtomicBool,
     signals: Installed,
+    /// What the lifecycle counted, for [`Handover::metrics`].
+    pub(crate) counters: Counters,
+    pub(crate) started_at: std::time::SystemTime,
     /// Whether the task that reads the control channel runs.
     control_reader: AtomicBool,
     started: Instant,
@@ -240,6 +244,8 @@ impl Handover {
                 process_group: parsed.process_group,
                 ready_done: AtomicBool::new(false),
                 signals: Installed::default(),
+                counters: Counters::default(),
+                started_at: std::time::SystemTime::now(),
                 control_reader: AtomicBool::new(false),
                 started: Instant::now(),
             }),
@@ -576,6 +582,7 @@ impl Handover {
             lifecycle.drain().wait(self.inner.options.drain_timeout),
             lifecycle.settled()
         );
+        self.inner.counters.drained(report.elapsed);
         if report.completed {
             info!(
                 generation,

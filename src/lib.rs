@@ -52,6 +52,7 @@ mod handover;
 mod lifecycle;
 mod listen;
 mod listener;
+mod metrics;
 mod notify;
 mod options;
 mod pidfile;
@@ -68,6 +69,7 @@ pub use crate::drain::{DrainReport, Graceful, Guard, Stop, Tracked, TrackedStrea
 pub use crate::error::{Error, Result};
 pub use crate::handover::Handover;
 pub use crate::listener::{Accept, Listener};
+pub use crate::metrics::{Metrics, Summary};
 pub use crate::options::Options;
 pub use crate::upgrade::Upgraded;
 /// The signal type of the API ([`Options::upgrade_signal`],

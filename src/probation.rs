@@ -22,8 +22,9 @@ const NO_TCP: &str = "no TCP listener to check";
 pub(crate) enum Verdict {
     /// The window passed with every check healthy.
     Promoted,
-    /// The new generation failed; why.
-    Failed(String),
+    /// The new generation failed: the kind (`exited`, `unhealthy`,
+    /// `health_check`, for the metrics), and why.
+    Failed(&'static str, String),
     /// A final stop of this generation came first.
     Stopped,
 }
@@ -55,7 +56,8 @@ impl Handover {
         let watch = self.watch();
         let end = tokio::time::sleep(window);
         tokio::pin!(end);
-        let mut next_check = Box::pin(tokio::time::sleep(options.health_interval));
+        // Checks start every interval (the first at once), one at a time.
+        let mut next_check = Box::pin(tokio::time::sleep(std::time::Duration::ZERO));
         // The health check in flight, when `checking`.
         let mut check: BoxFuture<'static, Result<(), String>> = std::future::pending().boxed();
         let mut checking = false;
@@ -65,7 +67,7 @@ impl Handover {
             tokio::select! {
                 biased;
                 status = child.wait() => {
-                    return Verdict::Failed(match status {
+                    return Verdict::Failed("exited", match status {
                         Ok(status) => format!(
                             "it {} {} ms after it was ready",
                             sys::describe(status),
@@ -76,7 +78,10 @@ impl Handover {
                 }
                 message = control.recv(), if control_open => match message {
                     Ok(Some(Message::Unhealthy(reason))) => {
-                        return Verdict::Failed(format!("it said it is unhealthy: {reason}"));
+                        return Verdict::Failed(
+                            "unhealthy",
+                            format!("it said it is unhealthy: {reason}"),
+                        );
                     }
                     Ok(Some(other)) => debug!(?other, "control message on probation"),
                     // It closed the channel: it is exiting, which the wait
@@ -107,20 +112,20 @@ impl Handover {
                                 "health check failed"
                             );
                             if failures >= options.health_threshold {
-                                return Verdict::Failed(format!(
-                                    "{failures} health checks failed in a row (last: {why})"
-                                ));
+                                return Verdict::Failed(
+                                    "health_check",
+                                    format!("{failures} health checks failed in a row (last: {why})"),
+                                );
                             }
                         }
                     }
-                    next_check = Box::pin(tokio::time::sleep(options.health_interval));
                 }
                 () = &mut next_check, if !checking && health.is_some() => {
                     if let Some(health) = &health {
                         check = self.check(health, target, pid, generation);
                         checking = true;
                     }
-                    next_check = Box::pin(tokio::time::sleep(window));
+                    next_check = Box::pin(tokio::time::sleep(options.health_interval));
                 }
                 () = &mut end => return Verdict::Promoted,
             }

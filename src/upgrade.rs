@@ -104,6 +104,16 @@ impl Handover {
             parent_pid = std::process::id()
         );
         async {
+            let result = self.upgrade_once().await;
+            self.inner.counters.upgrade(&result);
+            result
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn upgrade_once(&self) -> Result<Upgraded> {
+        {
             self.check_can_upgrade()?;
             let slot = self
                 .inner
@@ -129,8 +139,11 @@ impl Handover {
             }
             result
         }
-        .instrument(span)
-        .await
+    }
+
+    /// How many earlier generations are still alive (draining).
+    pub(crate) fn draining_count(&self) -> usize {
+        self.draining().len()
     }
 
     /// Earlier generations still alive (draining).
@@ -326,8 +339,9 @@ impl Handover {
                         "probation passed"
                     );
                 }
-                Verdict::Failed(reason) => {
+                Verdict::Failed(kind, reason) => {
                     let after_ready = ready_at.elapsed();
+                    self.inner.counters.rollback(kind);
                     // Serve again first: within moments of the detection.
                     lifecycle.park(false);
                     self.write_pid_file();
