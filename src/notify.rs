@@ -150,9 +150,7 @@ impl Receiver {
             .filter(|n| !n.is_empty() && !n.contains('\0'))
             .ok_or_else(|| io::Error::other("autobind gave an unprintable abstract name"))?;
         let address = format!("@{name}");
-        // SAFETY: the AsyncFd owns the OwnedFd, which stays open and is
-        // neither replaced nor closed for as long as it is registered.
-        let fd = unsafe { AsyncFd::register(fd) }?;
+        let fd = crate::sys::async_fd(fd)?;
         Ok(Receiver { fd, address })
     }
 

@@ -78,12 +78,12 @@ pub(crate) fn non_socket_kind(fd: BorrowedFd<'_>) -> io::Result<Option<&'static 
     })
 }
 
-/// Registers an fd we own (an `OwnedFd`, or an `Arc` of one) with Tokio's
-/// reactor (it must be non-blocking).
+/// Registers an fd we own (an `OwnedFd`, an `Arc` of one, a `SignalFd`)
+/// with Tokio's reactor (it must be non-blocking).
 pub(crate) fn async_fd<T: AsRawFd>(fd: T) -> io::Result<AsyncFd<T>> {
-    // SAFETY: the AsyncFd owns `fd` (an OwnedFd, or a share of one): the fd
-    // stays open, and is neither replaced nor closed, for as long as it is
-    // registered.
+    // SAFETY: the AsyncFd owns `fd` (an owner of the fd, or a share of
+    // one): the fd stays open, and is neither replaced nor closed, for as
+    // long as it is registered.
     unsafe { AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)
 }
 
@@ -587,11 +587,7 @@ impl Child {
     /// `group` says whether it leads a process group of its own.
     pub(crate) fn new(pid: i32, group: bool) -> Self {
         // Without pidfds (Linux < 5.3) `wait` falls back to polling.
-        let pidfd = pidfd_open(pid).ok().and_then(|fd| {
-            // SAFETY: the AsyncFd owns the OwnedFd, which stays open and is
-            // neither replaced nor closed for as long as it is registered.
-            unsafe { AsyncFd::register(fd) }.ok()
-        });
+        let pidfd = pidfd_open(pid).ok().and_then(|fd| async_fd(fd).ok());
         Child {
             pid,
             pidfd,

@@ -52,9 +52,7 @@ pub(crate) struct Signals {
 impl Signals {
     /// Registers the signalfd from [`block`]; needs a runtime with I/O.
     pub(crate) fn new(fd: SignalFd) -> io::Result<Self> {
-        // SAFETY: the AsyncFd owns the SignalFd, whose fd stays open and is
-        // neither replaced nor closed for as long as it is registered.
-        let fd = unsafe { AsyncFd::register(fd) }?;
+        let fd = crate::sys::async_fd(fd)?;
         Ok(Signals { fd })
     }
 
