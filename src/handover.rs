@@ -31,6 +31,8 @@ pub(crate) struct Inner {
     /// The channel to whoever started us (a previous generation or the
     /// supervisor), when there is one.
     control: Option<Arc<OwnedFd>>,
+    /// The app state the previous generation handed over, until taken.
+    state: Mutex<Option<OwnedFd>>,
     /// A previous generation of this app started us (rather than systemd,
     /// the supervisor, or nobody): the sockets we inherited are ours.
     from_previous_generation: bool,
@@ -189,6 +191,10 @@ impl Handover {
             }
             None => None,
         };
+        let state = match parsed.state_fd {
+            Some(fd) => Some(sys::adopt(fd, protocol::STATE_FD)?),
+            None => None,
+        };
         if let Some(fd) = &control {
             // This generation can pause accepting (its listeners are
             // `Listener`s): say so, so that a probation parks it.
@@ -234,6 +240,7 @@ impl Handover {
                 notify_socket: parsed.notify_socket,
                 from_previous_generation: control.is_some() && parsed.supervisor.is_none(),
                 control: control.map(Arc::new),
+                state: Mutex::new(state),
                 registry: Mutex::new(Registry::new(inherited)),
                 executable,
                 argv,
@@ -496,6 +503,28 @@ impl Handover {
         };
         if let Err(e) = crate::pidfile::remove_if_names(path, std::process::id() as i32) {
             warn!(path = %path.display(), error = %e, "cannot remove the PID file");
+        }
+    }
+
+    /// The app state the previous generation handed over
+    /// ([`Options::handoff_state`]), once: `None` when there is none (the
+    /// first generation, a previous one without a provider) or when it
+    /// fails its checks (then a warning says why, and this generation
+    /// starts without it).
+    pub fn take_state(&self) -> Option<Vec<u8>> {
+        let fd = lock(&self.inner.state).take()?;
+        match crate::state::read(fd) {
+            Ok(state) => {
+                info!(
+                    bytes = state.len(),
+                    "app state taken over from the previous generation"
+                );
+                Some(state)
+            }
+            Err(why) => {
+                warn!("the app state handed over is unusable ({why}); starting without it");
+                None
+            }
         }
     }
 

@@ -59,6 +59,7 @@ mod pidfile;
 mod probation;
 mod protocol;
 mod signals;
+mod state;
 mod supervisor;
 mod sys;
 #[cfg(feature = "testkit")]

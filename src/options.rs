@@ -7,6 +7,9 @@ use std::time::Duration;
 
 use crate::Signal;
 
+/// What [`Options::handoff_state`] is given.
+type StateProvider = Arc<dyn Fn() -> Vec<u8> + Send + Sync>;
+
 /// What [`Options::configure_socket`] is given.
 type SocketHook = Arc<dyn Fn(&str, &socket2::Socket) -> std::io::Result<()> + Send + Sync>;
 
@@ -38,6 +41,7 @@ pub struct Options {
     pub(crate) health_interval: Duration,
     pub(crate) health_timeout: Duration,
     pub(crate) health_threshold: u32,
+    pub(crate) state_provider: Option<StateProvider>,
 }
 
 /// A health check run during a probation (see [`Options::probation`]).
@@ -70,6 +74,7 @@ impl Default for Options {
             health_interval: Duration::from_millis(500),
             health_timeout: Duration::from_secs(1),
             health_threshold: 3,
+            state_provider: None,
         }
     }
 }
@@ -96,6 +101,10 @@ impl fmt::Debug for Options {
             .field("health_interval", &self.health_interval)
             .field("health_timeout", &self.health_timeout)
             .field("health_threshold", &self.health_threshold)
+            .field(
+                "handoff_state",
+                &self.state_provider.as_ref().map(|_| "set"),
+            )
             .finish()
     }
 }
@@ -183,6 +192,18 @@ impl Options {
     /// Failed health checks in a row that fail the probation. Default 3.
     pub fn health_threshold(mut self, failures: u32) -> Self {
         self.health_threshold = failures.max(1);
+        self
+    }
+
+    /// App state to hand to the next generation: `provider` is called when
+    /// an upgrade starts, and what it returns (a cache, a session table,
+    /// counters: up to 1 GiB) reaches the new generation, which reads it
+    /// with [`Handover::take_state`](crate::Handover::take_state) at start.
+    /// The bytes travel in a sealed memfd, whole or not at all. Their format
+    /// is the app's: start it with a version, so that a new release can tell
+    /// an old layout (and ignore what it cannot read). Default: none.
+    pub fn handoff_state(mut self, provider: impl Fn() -> Vec<u8> + Send + Sync + 'static) -> Self {
+        self.state_provider = Some(Arc::new(provider));
         self
     }
 

@@ -12,6 +12,7 @@
 //! | `HANDOVER_GENERATION=<n>` | generation number, 1 for the first process |
 //! | `HANDOVER_SUPERVISOR=<pid>` | set by `handover run`: the supervisor owns upgrades |
 //! | `HANDOVER_PROCESS_GROUP=<pgid>` | the group a new generation joins once it is current (it starts in a group of its own) |
+//! | `HANDOVER_STATE_FD=<fd>` | a sealed memfd with the app state the previous generation handed over |
 //! | `HANDOVER_PREVIOUS=<pid>.<start>:...` | earlier generations that may still be draining (pid and start time) |
 //! | `NOTIFY_SOCKET=<path>` | sd_notify datagram socket (`READY=1`, `MAINPID=`, `STOPPING=1`) |
 //!
@@ -42,10 +43,12 @@ pub const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
 pub const PROCESS_GROUP: &str = "HANDOVER_PROCESS_GROUP";
 /// `HANDOVER_PREVIOUS`.
 pub const PREVIOUS: &str = "HANDOVER_PREVIOUS";
+/// `HANDOVER_STATE_FD`.
+pub const STATE_FD: &str = "HANDOVER_STATE_FD";
 
 /// Every variable of the protocol: removed from what the app's own children
 /// inherit, and set afresh for each new generation.
-pub const VARIABLES: [&str; 9] = [
+pub const VARIABLES: [&str; 10] = [
     LISTEN_FDS,
     LISTEN_FDNAMES,
     LISTEN_PID,
@@ -55,6 +58,7 @@ pub const VARIABLES: [&str; 9] = [
     NOTIFY_SOCKET,
     PROCESS_GROUP,
     PREVIOUS,
+    STATE_FD,
 ];
 
 /// The first passed fd, by systemd's convention.
@@ -85,6 +89,8 @@ pub struct Parsed {
     pub process_group: Option<i32>,
     /// Earlier generations, `(pid, start time)`, that may still be draining.
     pub previous: Vec<Process>,
+    /// The memfd with the state the previous generation handed over.
+    pub state_fd: Option<RawFd>,
 }
 
 /// A process named by pid and start time (`/proc/<pid>/stat` field 22, in
@@ -223,6 +229,18 @@ pub fn parse(env: &HashMap<String, String>, own_pid: i32) -> Result<Parsed> {
         }
         parsed.supervisor = Some(pid);
     }
+    if let Some(text) = get(STATE_FD) {
+        let fd: RawFd = number(STATE_FD, text)?;
+        let taken = (fd as usize) < FIRST_FD as usize + count || parsed.control_fd == Some(fd);
+        if fd < FIRST_FD || taken {
+            return Err(Error::protocol(
+                STATE_FD,
+                text,
+                "is stdio, one of the sockets or the control channel",
+            ));
+        }
+        parsed.state_fd = Some(fd);
+    }
     if let Some(text) = get(PROCESS_GROUP) {
         let pgid: i32 = number(PROCESS_GROUP, text)?;
         if pgid <= 1 {
@@ -271,6 +289,8 @@ pub struct Handoff<'a> {
     pub process_group: Option<i32>,
     /// Earlier generations that may still be draining.
     pub previous: &'a [Process],
+    /// Where the state memfd lands in the child.
+    pub state_fd: Option<RawFd>,
 }
 
 impl Handoff<'_> {
@@ -292,6 +312,9 @@ impl Handoff<'_> {
         }
         if let Some(pgid) = self.process_group {
             vars.push((PROCESS_GROUP, pgid.to_string()));
+        }
+        if let Some(fd) = self.state_fd {
+            vars.push((STATE_FD, fd.to_string()));
         }
         if !self.previous.is_empty() {
             let list: Vec<String> = self
@@ -342,6 +365,7 @@ mod tests {
             supervisor: None,
             notify_socket: Some("/run/notify"),
             process_group: Some(77),
+            state_fd: Some(6),
             previous: &[
                 Process {
                     pid: 10,
@@ -368,6 +392,7 @@ mod tests {
         assert_eq!(parsed.generation, 7);
         assert_eq!(parsed.notify_socket.as_deref(), Some("/run/notify"));
         assert_eq!(parsed.process_group, Some(77));
+        assert_eq!(parsed.state_fd, Some(6));
         assert_eq!(parsed.previous, handoff.previous);
     }
 

@@ -17,6 +17,7 @@ use crate::handover::{lock, Handover};
 use crate::lifecycle::UpgradeSlot;
 use crate::probation::Verdict;
 use crate::protocol::{self, Handoff, Process};
+use crate::state;
 use crate::sys::{self, Child, Exec};
 use crate::Signal;
 
@@ -190,6 +191,22 @@ impl Handover {
             executable: executable.clone(),
             source,
         };
+        // The app's state, if it hands any over: taken now, written and
+        // sealed before the new generation exists.
+        let state = inner.options.state_provider.as_ref().and_then(|provide| {
+            let blob = provide();
+            match state::write(&blob) {
+                Ok(fd) => {
+                    info!(bytes = blob.len(), "app state handed to the new generation");
+                    Some(fd)
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot hand the app state over; the new generation starts without it");
+                    None
+                }
+            }
+        });
+        let handoff_sockets;
         let (exec, mut fds) = {
             let registry = lock(&inner.registry);
             let handoff = registry.handoff();
@@ -200,9 +217,13 @@ impl Handover {
                 .map(|(_, fd)| fd.try_clone_to_owned())
                 .collect::<std::io::Result<Vec<OwnedFd>>>()
                 .map_err(|e| Error::io("duplicating the sockets to pass on", e))?;
+            handoff_sockets = handoff.len();
             let vars = Handoff {
                 names: handoff.iter().map(|(name, _)| *name).collect(),
                 control_fd: Some(protocol::FIRST_FD + fds.len() as i32),
+                state_fd: state
+                    .as_ref()
+                    .map(|_| protocol::FIRST_FD + fds.len() as i32 + 1),
                 generation: inner.generation.saturating_add(1),
                 supervisor: None,
                 notify_socket: inner.notify_socket.as_deref(),
@@ -219,9 +240,10 @@ impl Handover {
             .map_err(spawn_error)?
             .in_new_process_group();
             fds.push(theirs);
+            fds.extend(state);
             (exec, fds)
         };
-        let sockets = fds.len() - 1;
+        let sockets = handoff_sockets;
         // fork, then a blocking wait until the child has exec'd (or failed
         // to): off the runtime's workers.
         let spawned = tokio::task::spawn_blocking(move || {
