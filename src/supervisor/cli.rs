@@ -122,7 +122,7 @@ draining, and the outcome of the last upgrade. Exits 2 when there is no supervis
 #[non_exhaustive]
 pub(crate) enum Command {
     /// `handover run`: supervise a command.
-    Run(RunConfig),
+    Run(Box<RunConfig>),
     /// `handover upgrade`: ask the supervisor for an upgrade.
     Upgrade(ClientConfig),
     /// `handover status`: show the supervisor's state.
@@ -826,7 +826,7 @@ fn parse_run(args: &mut Args) -> Result<Command, UsageError> {
             ));
         }
     }
-    Ok(Command::Run(RunConfig {
+    Ok(Command::Run(Box::new(RunConfig {
         listeners,
         ready,
         ready_timeout,
@@ -844,7 +844,7 @@ fn parse_run(args: &mut Args) -> Result<Command, UsageError> {
         watchdog,
         command,
         debug_no_reap,
-    }))
+    })))
 }
 
 fn parse_client(args: &mut Args, json_allowed: bool) -> Result<ClientConfig, UsageError> {
@@ -928,7 +928,7 @@ mod tests {
         let mut all = vec!["run"];
         all.extend_from_slice(args);
         match parse(all.iter().map(OsString::from))? {
-            Command::Run(c) => Ok(c),
+            Command::Run(c) => Ok(*c),
             other => panic!("{other:?}"),
         }
     }
