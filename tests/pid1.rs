@@ -398,7 +398,9 @@ fn the_child_inherits_only_stdio_and_the_sockets() {
         })
         .unwrap_or_else(|e| panic!("{e}"));
         assert!(
-            fds[3..].iter().all(|(_, target)| target.starts_with("socket:")),
+            fds[3..]
+                .iter()
+                .all(|(_, target)| target.starts_with("socket:")),
             "{fds:?}"
         );
         let environ = std::fs::read(format!("/proc/{}/environ", child.pid)).expect("environ");
