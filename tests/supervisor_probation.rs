@@ -652,3 +652,173 @@ fn gunicorn_release_exiting_after_ready_is_rolled_back_under_load() {
     sv.signal(Signal::SIGTERM);
     assert_eq!(sv.wait_exit(T), Exit::Code(0), "{}", sv.server.dump());
 }
+
+// ---- parked: the library's `http_server` ---------------------------------------------------
+
+/// Deploys a release of the library's `http_server` at `path` (a bash script, as above).
+fn library_release(path: &Path, extra: &str) {
+    let tmp = path.with_extension("new");
+    let body = format!(
+        "#!/bin/bash\nexec -a \"$0\" '{}' \"$@\" --listen 127.0.0.1:0 {extra}\n",
+        support::http_server().display()
+    );
+    std::fs::write(&tmp, body).expect("write the release");
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::rename(&tmp, path).expect("rename the release into place");
+}
+
+/// `handover run` of an `http_server` release on a port that `--health` can name.
+fn library(tag: &str, probation: &str, health: bool) -> Canary {
+    let dir = TempDir::new(tag);
+    let app = dir.join("app");
+    library_release(&app, "");
+    let pid_file = dir.join("app.pid");
+    let port = free_port();
+    let listen = format!("tcp://127.0.0.1:{port}");
+    let check = format!("http://127.0.0.1:{port}/healthz");
+    let mut args = vec![
+        "--listen",
+        &listen,
+        "--probation",
+        probation,
+        "--drain-timeout",
+        "5s",
+        "--failed-drain-timeout",
+        "5s",
+        "--pid-file",
+        pid_file.to_str().expect("utf-8 path"),
+    ];
+    if health {
+        args.extend_from_slice(&[
+            "--health",
+            &check,
+            "--health-interval",
+            "100ms",
+            "--health-threshold",
+            "3",
+        ]);
+    }
+    let sv = Supervised::start(Tier::Subreaper, &dir, &args, &[app.as_os_str()]);
+    Canary {
+        dir,
+        app,
+        pid_file,
+        sv,
+    }
+}
+
+#[test]
+fn parked_library_release_is_promoted_under_load_and_the_old_one_takes_no_new_connection() {
+    let c = library("lib-promote", "2s", true);
+    let first = c.sv.server.wait_ready(1);
+    wait_stderr(&c.sv, "generation can be parked generation=1", T);
+    let loads = loads(first.addr);
+    library_release(&c.app, "");
+    let upgrade = upgrade_in_background(&c.sv);
+    let second = c.sv.server.wait_ready(2);
+    let ready_seen = Instant::now();
+    wait_status(&c.sv, &["\"state\":\"probation\"", "\"mode\":\"parked\""]);
+    // Every new connection during the window reaches the new generation.
+    let mut fresh = 0;
+    while ready_seen.elapsed() < Duration::from_millis(1500) {
+        let body = get(first.addr, "/", T)
+            .expect("GET during the window")
+            .body_str();
+        assert_eq!(
+            body,
+            format!("pid={} generation=2", second.pid),
+            "a new connection reached the parked generation"
+        );
+        fresh += 1;
+    }
+    assert!(
+        is_alive(first.pid),
+        "the old generation left during the window"
+    );
+    let out = upgrade.join().expect("the client thread");
+    assert_eq!(out.code, Some(0), "{out:?}\n{}", c.sv.server.dump());
+    assert!(out.stdout.contains("on probation (parked;"), "{out:?}");
+    wait_stderr(&c.sv, "old generation exited generation=1", T);
+    eprintln!("{fresh} new connections during the window, all to generation 2");
+    for load in loads {
+        let report = load.stop();
+        eprintln!("{report}");
+        report.assert_no_failures();
+    }
+    c.sv.signal(Signal::SIGTERM);
+    assert_eq!(c.sv.wait_exit(T), Exit::Code(0), "{}", c.sv.server.dump());
+}
+
+#[test]
+fn parked_unhealthy_library_release_is_rolled_back_in_time_under_load() {
+    let c = library("lib-unhealthy", "5s", true);
+    let first = c.sv.server.wait_ready(1);
+    wait_stderr(&c.sv, "generation can be parked generation=1", T);
+    let loads = loads(first.addr);
+    library_release(&c.app, "--unhealthy");
+    let upgrade = upgrade_in_background(&c.sv);
+    let second = c.sv.server.wait_ready(2);
+    let ready_seen = Instant::now();
+    wait_stderr(&c.sv, "probation failed: rolling back generation=2", T);
+    let took = ready_seen.elapsed();
+    // threshold × interval + 0.5 s
+    assert!(
+        took <= Duration::from_millis(3 * 100 + 500),
+        "rolled back {took:?} after ready"
+    );
+    eprintln!("unhealthy release rolled back {took:?} after its ready line");
+    let out = upgrade.join().expect("the client thread");
+    assert_eq!(out.code, Some(1), "{out:?}\n{}", c.sv.server.dump());
+    assert!(
+        out.stdout
+            .contains("3 health checks failed in a row, the last: GET /healthz answered 503"),
+        "{out:?}"
+    );
+    wait_stderr(&c.sv, "old generation told to resume generation=1", T);
+    assert!(common::proc_stat(second.pid).is_none() || !is_alive(second.pid));
+    assert_eq!(pid_in(&c.pid_file), Some(first.pid.as_raw()));
+    for load in &loads {
+        load.wait_for_more_ok(30, T)
+            .expect("generation 1 serves again");
+    }
+    for load in loads {
+        let report = load.stop();
+        eprintln!("{report}");
+        report.assert_no_failures();
+    }
+    c.sv.signal(Signal::SIGTERM);
+    assert_eq!(c.sv.wait_exit(T), Exit::Code(0), "{}", c.sv.server.dump());
+}
+
+#[test]
+fn parked_library_release_crashing_after_ready_is_rolled_back_under_load() {
+    let c = library("lib-crash", "3s", false);
+    let first = c.sv.server.wait_ready(1);
+    wait_stderr(&c.sv, "generation can be parked generation=1", T);
+    let loads = loads(first.addr);
+    library_release(&c.app, "--crash-after-ready-ms 300");
+    let out = c.sv.upgrade();
+    assert_eq!(out.code, Some(1), "{out:?}\n{}", c.sv.server.dump());
+    assert!(
+        out.stdout
+            .contains("exited with status 1 during its probation"),
+        "{out:?}"
+    );
+    wait_stderr(&c.sv, "old generation told to resume generation=1", T);
+    assert_eq!(pid_in(&c.pid_file), Some(first.pid.as_raw()));
+    for load in &loads {
+        load.wait_for_more_ok(30, T)
+            .expect("generation 1 serves again");
+    }
+    let mut failed = 0;
+    for load in loads {
+        let report = load.stop();
+        eprintln!("{report}");
+        assert_eq!(report.failures.get(FailureClass::Refused), 0, "{report}");
+        failed += report.failure_total();
+    }
+    eprintln!("failed requests in the parked crash rollback: {failed}");
+    assert!(failed <= 8, "{failed} failed requests");
+    c.sv.signal(Signal::SIGTERM);
+    assert_eq!(c.sv.wait_exit(T), Exit::Code(0), "{}", c.sv.server.dump());
+}
