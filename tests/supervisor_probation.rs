@@ -626,10 +626,21 @@ fn gunicorn_release_exiting_after_ready_is_rolled_back_under_load() {
     deploy(&format!("-c '{}'", crash.display()));
     let out = sv.upgrade();
     assert_eq!(out.code, Some(1), "{out:?}\n{}", sv.server.dump());
+    // It exits 1 s after it sent READY=1; the supervisor saw READY=1 a moment later.
+    let after_ready = out
+        .stdout
+        .split("exited with status 1 during its probation, ")
+        .nth(1)
+        .and_then(|rest| rest.split(" after ready").next())
+        .and_then(|d| {
+            d.strip_suffix("ms")
+                .and_then(|ms| ms.parse::<f64>().ok())
+                .or_else(|| d.strip_suffix('s')?.parse::<f64>().ok().map(|s| s * 1000.0))
+        })
+        .unwrap_or_else(|| panic!("no time after ready in {out:?}"));
     assert!(
-        out.stdout
-            .contains("exited with status 1 during its probation, 1."),
-        "{out:?}"
+        (800.0..3000.0).contains(&after_ready),
+        "failed {after_ready} ms after ready: {out:?}"
     );
     assert!(out.stdout.contains("generation 1 (pid "), "{out:?}");
     // Generation 1 serves on; a good release is promoted after its probation.

@@ -28,7 +28,9 @@ def on_term(_signo, _frame):
 
 
 def say(line):
-    print(line, flush=True)
+    # One write per line: generations share stdout, and print() writes the line and its end
+    # separately, so two generations' lines could interleave.
+    os.write(1, (line + "\n").encode())
 
 
 def serve(conn, body):
