@@ -49,6 +49,7 @@ mod drain;
 mod environment;
 mod error;
 mod handover;
+mod health;
 mod lifecycle;
 mod listen;
 mod listener;

@@ -356,7 +356,8 @@ fn sigint_stops_with_the_configured_stop_signal() {
 #[test]
 fn the_child_inherits_only_stdio_and_the_sockets() {
     // S9: nothing of the supervisor's (signalfd, epoll, control and notification sockets,
-    // pipes) leaks into the app, which gets fds 0-2 and its listeners at 3...
+    // pipes) leaks into the app, which gets fds 0-2, its listeners at 3.. and its end of the
+    // control channel right after them (HANDOVER_CONTROL_FD, not counted in LISTEN_FDS).
     for tier in TIERS {
         if !require_namespaces(tier) {
             continue;
@@ -389,7 +390,7 @@ fn the_child_inherits_only_stdio_and_the_sockets() {
         let fds = wait_for("the child's fds to be stdio and its sockets", T, || {
             let fds = common::fd_targets(child.pid).map_err(|e| e.to_string())?;
             let numbers: Vec<i32> = fds.iter().map(|(n, _)| *n).collect();
-            if numbers == [0, 1, 2, 3, 4] {
+            if numbers == [0, 1, 2, 3, 4, 5] {
                 Ok(fds)
             } else {
                 Err(format!("{tier:?}: {fds:?}"))
@@ -397,9 +398,21 @@ fn the_child_inherits_only_stdio_and_the_sockets() {
         })
         .unwrap_or_else(|e| panic!("{e}"));
         assert!(
-            fds[3].1.starts_with("socket:") && fds[4].1.starts_with("socket:"),
+            fds[3..]
+                .iter()
+                .all(|(_, target)| target.starts_with("socket:")),
             "{fds:?}"
         );
+        let environ = std::fs::read(format!("/proc/{}/environ", child.pid)).expect("environ");
+        let vars: Vec<&[u8]> = environ.split(|b| *b == 0).collect();
+        for var in [&b"LISTEN_FDS=2"[..], b"HANDOVER_CONTROL_FD=5"] {
+            assert!(
+                vars.contains(&var),
+                "{tier:?}: no {} in {:?}",
+                String::from_utf8_lossy(var),
+                String::from_utf8_lossy(&environ)
+            );
+        }
         sv.signal(Signal::SIGTERM);
         assert_eq!(sv.wait_exit(T), Exit::Code(143), "{}", sv.server.dump());
     }

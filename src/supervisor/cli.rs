@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
+use crate::health::{HealthCheck, Probe};
+
 /// Overall help, printed by `handover --help`.
 pub(crate) const HELP: &str = "\
 handover: zero-downtime upgrades for network servers
@@ -74,6 +76,22 @@ Options:
                          upgrade beyond waits for one to exit (default 8)
   --backlog N            listen(2) backlog of stream listeners, 1 to 2147483647
                          (the kernel caps it at net.core.somaxconn) (default 1024)
+  --probation DUR        after a new generation is ready, keep the old one until it
+                         has run this long with every check healthy; any failure
+                         meanwhile rolls back to the old one (default 0s: off)
+  --health CHECK         probe of the generation on probation, then of the current
+                         one (liveness: failures in a row restart it):
+                           http://HOST:PORT/PATH  GET answers 2xx or 3xx
+                           tcp://HOST:PORT        the connection is accepted
+                           exec:CMD               `sh -c CMD` exits 0 (HANDOVER_PID
+                                                  and HANDOVER_GENERATION set)
+  --health-interval DUR  from one run of the check to the next (default 1s)
+  --health-timeout DUR   a run that takes longer failed (default 1s)
+  --health-threshold N   failures in a row that make a generation unhealthy, 1 to
+                         1000 (default 3)
+  --watchdog DUR         pass WATCHDOG_USEC to each generation; once ready it must
+                         send WATCHDOG=1 at least this often (WATCHDOG=trigger
+                         fails it at once) (default: off)
   -h, --help             this help
 
 Durations: 500ms, 30s, 2m, 1h. Signals: TERM, SIGTERM or 15.
@@ -104,7 +122,7 @@ draining, and the outcome of the last upgrade. Exits 2 when there is no supervis
 #[non_exhaustive]
 pub(crate) enum Command {
     /// `handover run`: supervise a command.
-    Run(RunConfig),
+    Run(Box<RunConfig>),
     /// `handover upgrade`: ask the supervisor for an upgrade.
     Upgrade(ClientConfig),
     /// `handover status`: show the supervisor's state.
@@ -143,6 +161,13 @@ pub(crate) struct RunConfig {
     pub(crate) max_draining: usize,
     /// `listen(2)` backlog of stream listeners.
     pub(crate) backlog: i32,
+    /// How long a new generation is on probation after it is ready
+    /// (zero: promoted at ready).
+    pub(crate) probation: Duration,
+    /// `--health` and its schedule.
+    pub(crate) health: Option<HealthCheck>,
+    /// `--watchdog`: the longest time between two `WATCHDOG=1`.
+    pub(crate) watchdog: Option<Duration>,
     /// The command and its arguments.
     pub(crate) command: Vec<OsString>,
     /// Test-only debugging switch (`--debug-no-reap`, not in the help):
@@ -653,6 +678,12 @@ fn parse_run(args: &mut Args) -> Result<Command, UsageError> {
     let mut max_draining = DEFAULT_MAX_DRAINING;
     let mut backlog = DEFAULT_BACKLOG;
     let mut debug_no_reap = false;
+    let mut probation = Duration::ZERO;
+    let mut health: Option<Probe> = None;
+    let mut health_interval = None;
+    let mut health_timeout = None;
+    let mut health_threshold = None;
+    let mut watchdog = None;
     let mut command = Vec::new();
     let duration =
         |option: &str, text: String| parse_duration(&text).map_err(|e| UsageError::new(option, e));
@@ -717,6 +748,29 @@ fn parse_run(args: &mut Args) -> Result<Command, UsageError> {
                 let text = args.text(o, inline)?;
                 backlog = number_in(o, &text, 1, i32::MAX)?;
             }
+            "--probation" => probation = duration(o, args.text(o, inline)?)?,
+            "--health" => {
+                let text = args.text(o, inline)?;
+                health = Some(
+                    Probe::parse(&text)
+                        .map_err(|e| UsageError::new(o, format!("{text:?}: {e}")))?,
+                );
+            }
+            "--health-interval" | "--health-timeout" | "--watchdog" => {
+                let d = duration(o, args.text(o, inline)?)?;
+                if d.is_zero() {
+                    return Err(UsageError::new(o, "must be more than 0"));
+                }
+                match o {
+                    "--health-interval" => health_interval = Some(d),
+                    "--health-timeout" => health_timeout = Some(d),
+                    _ => watchdog = Some(d),
+                }
+            }
+            "--health-threshold" => {
+                let text = args.text(o, inline)?;
+                health_threshold = Some(number_in(o, &text, 1, 1000)?);
+            }
             "--debug-no-reap" => {
                 args.no_value(o, &inline)?;
                 debug_no_reap = true;
@@ -744,6 +798,26 @@ fn parse_run(args: &mut Args) -> Result<Command, UsageError> {
             ));
         }
     }
+    let health = match health {
+        Some(probe) => {
+            let mut check = HealthCheck::new(probe);
+            check.interval = health_interval.unwrap_or(check.interval);
+            check.timeout = health_timeout.unwrap_or(check.timeout);
+            check.threshold = health_threshold.unwrap_or(check.threshold);
+            Some(check)
+        }
+        None => {
+            let orphan = [
+                ("--health-interval", health_interval.is_some()),
+                ("--health-timeout", health_timeout.is_some()),
+                ("--health-threshold", health_threshold.is_some()),
+            ];
+            if let Some((option, _)) = orphan.iter().find(|(_, given)| *given) {
+                return Err(UsageError::new(*option, "has no effect without --health"));
+            }
+            None
+        }
+    };
     for (i, l) in listeners.iter().enumerate() {
         if listeners[..i].iter().any(|o| o.name == l.name) {
             return Err(UsageError::new(
@@ -752,7 +826,7 @@ fn parse_run(args: &mut Args) -> Result<Command, UsageError> {
             ));
         }
     }
-    Ok(Command::Run(RunConfig {
+    Ok(Command::Run(Box::new(RunConfig {
         listeners,
         ready,
         ready_timeout,
@@ -765,9 +839,12 @@ fn parse_run(args: &mut Args) -> Result<Command, UsageError> {
         pid_file,
         max_draining,
         backlog,
+        probation,
+        health,
+        watchdog,
         command,
         debug_no_reap,
-    }))
+    })))
 }
 
 fn parse_client(args: &mut Args, json_allowed: bool) -> Result<ClientConfig, UsageError> {
@@ -851,7 +928,7 @@ mod tests {
         let mut all = vec!["run"];
         all.extend_from_slice(args);
         match parse(all.iter().map(OsString::from))? {
-            Command::Run(c) => Ok(c),
+            Command::Run(c) => Ok(*c),
             other => panic!("{other:?}"),
         }
     }
@@ -1013,6 +1090,59 @@ mod tests {
     }
 
     #[test]
+    fn probation_and_health_options() {
+        let c = run(&["--", "a"]).unwrap();
+        assert_eq!(
+            (c.probation, &c.health, c.watchdog),
+            (Duration::ZERO, &None, None)
+        );
+        let c = run(&[
+            "--probation",
+            "10s",
+            "--health",
+            "tcp://127.0.0.1:80",
+            "--",
+            "a",
+        ])
+        .unwrap();
+        assert_eq!(c.probation, Duration::from_secs(10));
+        let check = c.health.unwrap();
+        assert_eq!(check.interval, Duration::from_secs(1));
+        assert_eq!(check.timeout, Duration::from_secs(1));
+        assert_eq!(check.threshold, 3);
+        let c = run(&[
+            "--health=http://127.0.0.1:8080/healthz",
+            "--health-interval",
+            "200ms",
+            "--health-timeout=2s",
+            "--health-threshold",
+            "5",
+            "--watchdog",
+            "3s",
+            "--",
+            "a",
+        ])
+        .unwrap();
+        let check = c.health.unwrap();
+        assert_eq!(check.probe.to_string(), "http://127.0.0.1:8080/healthz");
+        assert_eq!(
+            (check.interval, check.timeout, check.threshold),
+            (Duration::from_millis(200), Duration::from_secs(2), 5)
+        );
+        assert_eq!(c.watchdog, Some(Duration::from_secs(3)));
+        let e = err(&["run", "--health", "http://h/x", "--", "a"]);
+        assert_eq!(
+            e.to_string(),
+            "--health: \"http://h/x\": the port is missing (expected http://HOST:PORT)"
+        );
+        let e = err(&["run", "--health-threshold", "3", "--", "a"]);
+        assert_eq!(
+            e.to_string(),
+            "--health-threshold: has no effect without --health"
+        );
+    }
+
+    #[test]
     fn bad_run_options_name_the_option() {
         for (args, option) in [
             (&["run", "--listen", "tcp://x:1", "--", "a"][..], "--listen"),
@@ -1045,6 +1175,45 @@ mod tests {
                 "--max-draining",
             ),
             (&["run", "--backlog", "x", "--", "a"][..], "--backlog"),
+            (&["run", "--probation", "5", "--", "a"][..], "--probation"),
+            (&["run", "--health", "udp://h:1", "--", "a"][..], "--health"),
+            (
+                &[
+                    "run",
+                    "--health",
+                    "exec:true",
+                    "--health-interval",
+                    "0s",
+                    "--",
+                    "a",
+                ][..],
+                "--health-interval",
+            ),
+            (
+                &[
+                    "run",
+                    "--health",
+                    "exec:true",
+                    "--health-timeout",
+                    "x",
+                    "--",
+                    "a",
+                ][..],
+                "--health-timeout",
+            ),
+            (
+                &[
+                    "run",
+                    "--health",
+                    "exec:true",
+                    "--health-threshold",
+                    "0",
+                    "--",
+                    "a",
+                ][..],
+                "--health-threshold",
+            ),
+            (&["run", "--watchdog", "0s", "--", "a"][..], "--watchdog"),
             (&["run", "--bogus", "--", "a"][..], "--bogus"),
             (
                 &["run", "--debug-no-reap=1", "--", "a"][..],

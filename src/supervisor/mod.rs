@@ -60,7 +60,7 @@ fn dispatch(
             // It blocks every signal it can in this thread (they are read
             // from a signalfd): the binary's main thread, with no other
             // thread running.
-            match supervise::run(config) {
+            match supervise::run(*config) {
                 Ok(code) => code,
                 Err(e) => {
                     let _ = writeln!(err, "handover: {}", e.report());

@@ -35,12 +35,55 @@ pub(crate) struct OutcomeInfo {
     pub(crate) detail: String,
 }
 
+/// Health checks of one generation and their results so far.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct HealthInfo {
+    /// The `--health` check.
+    pub(crate) check: String,
+    pub(crate) passed: u64,
+    pub(crate) failed: u64,
+    /// Failures in a row now.
+    pub(crate) in_a_row: u32,
+    /// `healthy`, or the last failure.
+    pub(crate) last: Option<String>,
+}
+
+/// A probation in progress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ProbationInfo {
+    pub(crate) generation: u64,
+    pub(crate) pid: i32,
+    /// `parked` or `canary`.
+    pub(crate) mode: &'static str,
+    /// The generation kept beside it.
+    pub(crate) old_generation: Option<u64>,
+    pub(crate) old_pid: Option<i32>,
+    /// Time since it was ready.
+    pub(crate) elapsed: Duration,
+    /// Time left in the window (0 while a healthy result is awaited).
+    pub(crate) left: Duration,
+    /// Its `--health` results, when there is a check.
+    pub(crate) health: Option<HealthInfo>,
+}
+
+/// The last failed probation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RollbackInfo {
+    pub(crate) generation: u64,
+    pub(crate) pid: i32,
+    pub(crate) ago: Duration,
+    /// How long after ready it failed.
+    pub(crate) after_ready: Duration,
+    pub(crate) reason: String,
+}
+
 /// The whole state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Snapshot {
     pub(crate) supervisor_pid: i32,
     pub(crate) uptime: Duration,
-    /// `starting`, `serving`, `upgrading`, `restarting`, `shutting-down`, `stopping`.
+    /// `starting`, `serving`, `upgrading`, `probation`, `restarting`,
+    /// `shutting-down`, `stopping`.
     pub(crate) state: &'static str,
     pub(crate) current: Option<GenerationInfo>,
     pub(crate) upgrading: Option<GenerationInfo>,
@@ -53,6 +96,14 @@ pub(crate) struct Snapshot {
     pub(crate) last_upgrade: Option<OutcomeInfo>,
     /// `(name, address)`.
     pub(crate) listeners: Vec<(String, String)>,
+    /// The probation in progress.
+    pub(crate) probation: Option<ProbationInfo>,
+    /// The liveness checks of the current generation (`--health`), when no
+    /// probation runs.
+    pub(crate) health: Option<HealthInfo>,
+    /// `--watchdog`.
+    pub(crate) watchdog: Option<Duration>,
+    pub(crate) last_rollback: Option<RollbackInfo>,
 }
 
 fn ms(d: Duration) -> u128 {
@@ -108,6 +159,29 @@ fn json_generation(out: &mut String, g: &GenerationInfo) {
     out.push('}');
 }
 
+fn json_opt_str(out: &mut String, s: Option<&str>) {
+    match s {
+        Some(s) => json_str(out, s),
+        None => out.push_str("null"),
+    }
+}
+
+fn json_health(out: &mut String, h: Option<&HealthInfo>) {
+    let Some(h) = h else {
+        out.push_str("null");
+        return;
+    };
+    out.push_str("{\"check\":");
+    json_str(out, &h.check);
+    let _ = write!(
+        out,
+        ",\"passed\":{},\"failed\":{},\"failures_in_a_row\":{},\"last\":",
+        h.passed, h.failed, h.in_a_row
+    );
+    json_opt_str(out, h.last.as_deref());
+    out.push('}');
+}
+
 fn json_opt_generation(out: &mut String, g: Option<&GenerationInfo>) {
     match g {
         Some(g) => json_generation(out, g),
@@ -126,8 +200,19 @@ impl Snapshot {
     ///  "last_upgrade":{"outcome":"succeeded"|"failed","generation":3,"pid":42|null,
     ///                  "trigger":"SIGHUP","ago_ms":100,"ready_after_ms":35|null,
     ///                  "detail":"..."}|null,
-    ///  "listeners":[{"name":"http","address":"tcp://0.0.0.0:8080"}]}
+    ///  "listeners":[{"name":"http","address":"tcp://0.0.0.0:8080"}],
+    ///  "probation":{"generation":4,"pid":43,"mode":"parked"|"canary",
+    ///               "old_generation":3|null,"old_pid":42|null,"elapsed_ms":2000,
+    ///               "left_ms":8000,"health":HEALTH|null}|null,
+    ///  "health":HEALTH|null,"watchdog_ms":3000|null,
+    ///  "last_rollback":{"generation":4,"pid":43,"ago_ms":100,"after_ready_ms":310,
+    ///                   "reason":"..."}|null}
     /// ```
+    ///
+    /// where HEALTH is `{"check":"http://127.0.0.1:8080/healthz","passed":5,
+    /// "failed":0,"failures_in_a_row":0,"last":"healthy"|"..."|null}`:
+    /// `probation.health` for the generation on probation, `health` for the
+    /// current one (liveness) when no probation runs.
     ///
     /// where GEN is `{"generation":2,"pid":42,"uptime_ms":900,"ready":true,
     /// "ready_after_ms":35|null,"status":"..."|null,"stopping_for_ms":N|null,
@@ -193,7 +278,61 @@ impl Snapshot {
             json_str(&mut out, address);
             out.push('}');
         }
-        out.push_str("]}\n");
+        out.push_str("],\"probation\":");
+        match &self.probation {
+            Some(p) => {
+                let _ = write!(
+                    out,
+                    "{{\"generation\":{},\"pid\":{},\"mode\":",
+                    p.generation, p.pid
+                );
+                json_str(&mut out, p.mode);
+                out.push_str(",\"old_generation\":");
+                match p.old_generation {
+                    Some(g) => {
+                        let _ = write!(out, "{g}");
+                    }
+                    None => out.push_str("null"),
+                }
+                out.push_str(",\"old_pid\":");
+                match p.old_pid {
+                    Some(pid) => {
+                        let _ = write!(out, "{pid}");
+                    }
+                    None => out.push_str("null"),
+                }
+                let _ = write!(
+                    out,
+                    ",\"elapsed_ms\":{},\"left_ms\":{},\"health\":",
+                    ms(p.elapsed),
+                    ms(p.left)
+                );
+                json_health(&mut out, p.health.as_ref());
+                out.push('}');
+            }
+            None => out.push_str("null"),
+        }
+        out.push_str(",\"health\":");
+        json_health(&mut out, self.health.as_ref());
+        out.push_str(",\"watchdog_ms\":");
+        json_opt_ms(&mut out, self.watchdog);
+        out.push_str(",\"last_rollback\":");
+        match &self.last_rollback {
+            Some(r) => {
+                let _ = write!(
+                    out,
+                    "{{\"generation\":{},\"pid\":{},\"ago_ms\":{},\"after_ready_ms\":{},\"reason\":",
+                    r.generation,
+                    r.pid,
+                    ms(r.ago),
+                    ms(r.after_ready)
+                );
+                json_str(&mut out, &r.reason);
+                out.push('}');
+            }
+            None => out.push_str("null"),
+        }
+        out.push_str("}\n");
         out
     }
 
@@ -278,11 +417,73 @@ impl Snapshot {
             "upgrades: {} succeeded, {} failed; restarts after a crash: {}",
             self.upgrades_succeeded, self.upgrades_failed, self.restarts
         );
+        if let Some(p) = &self.probation {
+            let _ = write!(
+                out,
+                "probation: generation {} pid {}, {}, {} since ready, {} left",
+                p.generation,
+                p.pid,
+                p.mode,
+                format_duration(round(p.elapsed)),
+                format_duration(round(p.left))
+            );
+            if let (Some(g), Some(pid)) = (p.old_generation, p.old_pid) {
+                let _ = write!(
+                    out,
+                    "; generation {g} pid {pid} {}",
+                    if p.mode == "parked" {
+                        "parked beside it"
+                    } else {
+                        "accepting beside it"
+                    }
+                );
+            }
+            out.push('\n');
+            if let Some(h) = &p.health {
+                text_health(&mut out, "probation health", h);
+            }
+        }
+        if let Some(h) = &self.health {
+            text_health(&mut out, "health", h);
+        }
+        if let Some(w) = self.watchdog {
+            let _ = writeln!(
+                out,
+                "watchdog: WATCHDOG=1 at least every {}",
+                format_duration(w)
+            );
+        }
+        match &self.last_rollback {
+            Some(r) => {
+                let _ = writeln!(
+                    out,
+                    "last rollback: generation {} pid {}, {} ago, {} after ready: {}",
+                    r.generation,
+                    r.pid,
+                    format_duration(round(r.ago)),
+                    format_duration(round(r.after_ready)),
+                    r.reason
+                );
+            }
+            None => out.push_str("last rollback: none\n"),
+        }
         for (name, address) in &self.listeners {
             let _ = writeln!(out, "listener: {name} {address}");
         }
         out
     }
+}
+
+fn text_health(out: &mut String, label: &str, h: &HealthInfo) {
+    let _ = write!(
+        out,
+        "{label}: {}: {} passed, {} failed, {} in a row",
+        h.check, h.passed, h.failed, h.in_a_row
+    );
+    if let Some(last) = &h.last {
+        let _ = write!(out, ", last: {last}");
+    }
+    out.push('\n');
 }
 
 /// Rounds to whole milliseconds for display.
@@ -330,7 +531,89 @@ mod tests {
                 detail: "generation 3 ready".to_owned(),
             }),
             listeners: vec![("http".to_owned(), "tcp://0.0.0.0:8080".to_owned())],
+            probation: None,
+            health: Some(HealthInfo {
+                check: "http://127.0.0.1:8080/healthz".to_owned(),
+                passed: 7,
+                failed: 1,
+                in_a_row: 0,
+                last: Some("healthy".to_owned()),
+            }),
+            watchdog: None,
+            last_rollback: Some(RollbackInfo {
+                generation: 2,
+                pid: 40,
+                ago: Duration::from_secs(60),
+                after_ready: Duration::from_millis(310),
+                reason: "generation 2 (pid 40) exited with status 1".to_owned(),
+            }),
         }
+    }
+
+    fn on_probation() -> Snapshot {
+        let mut s = snapshot();
+        s.state = "probation";
+        s.probation = Some(ProbationInfo {
+            generation: 4,
+            pid: 43,
+            mode: "parked",
+            old_generation: Some(3),
+            old_pid: Some(42),
+            elapsed: Duration::from_secs(2),
+            left: Duration::from_secs(8),
+            health: Some(HealthInfo {
+                check: "tcp://127.0.0.1:8080".to_owned(),
+                passed: 2,
+                failed: 1,
+                in_a_row: 1,
+                last: Some("cannot connect".to_owned()),
+            }),
+        });
+        s.health = None;
+        s.watchdog = Some(Duration::from_secs(3));
+        s
+    }
+
+    #[test]
+    fn probation_in_json_and_text() {
+        let json = on_probation().to_json();
+        assert!(
+            json.contains(
+                "\"probation\":{\"generation\":4,\"pid\":43,\"mode\":\"parked\",\
+                 \"old_generation\":3,\"old_pid\":42,\"elapsed_ms\":2000,\"left_ms\":8000,\
+                 \"health\":{\"check\":\"tcp://127.0.0.1:8080\",\"passed\":2,\"failed\":1,\
+                 \"failures_in_a_row\":1,\"last\":\"cannot connect\"}},\"health\":null,\
+                 \"watchdog_ms\":3000,"
+            ),
+            "{json}"
+        );
+        assert!(
+            json.ends_with(
+                "\"last_rollback\":{\"generation\":2,\"pid\":40,\"ago_ms\":60000,\
+                 \"after_ready_ms\":310,\"reason\":\"generation 2 (pid 40) exited with status 1\"}}\n"
+            ),
+            "{json}"
+        );
+        assert_eq!(json.matches('{').count(), json.matches('}').count());
+        let text = on_probation().to_text();
+        assert!(
+            text.contains(
+                "probation: generation 4 pid 43, parked, 2s since ready, 8s left; generation 3 \
+                 pid 42 parked beside it\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "probation health: tcp://127.0.0.1:8080: 2 passed, 1 failed, 1 in a row, last: \
+                 cannot connect\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("watchdog: WATCHDOG=1 at least every 3s\n"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -355,8 +638,11 @@ mod tests {
         );
         assert!(json.contains("\"last_upgrade\":{\"outcome\":\"succeeded\",\"generation\":3,\"pid\":42,\"trigger\":\"SIGHUP\""), "{json}");
         assert!(
-            json.ends_with(
-                "\"listeners\":[{\"name\":\"http\",\"address\":\"tcp://0.0.0.0:8080\"}]}\n"
+            json.contains(
+                "\"listeners\":[{\"name\":\"http\",\"address\":\"tcp://0.0.0.0:8080\"}],\
+                 \"probation\":null,\"health\":{\"check\":\"http://127.0.0.1:8080/healthz\",\
+                 \"passed\":7,\"failed\":1,\"failures_in_a_row\":0,\"last\":\"healthy\"},\
+                 \"watchdog_ms\":null,\"last_rollback\":{"
             ),
             "{json}"
         );
@@ -365,6 +651,8 @@ mod tests {
         empty.current = None;
         empty.draining.clear();
         empty.last_upgrade = None;
+        empty.health = None;
+        empty.last_rollback = None;
         let json = empty.to_json();
         assert!(
             json.contains("\"current\":null,\"upgrading\":null"),
@@ -372,6 +660,10 @@ mod tests {
         );
         assert!(json.contains("\"draining\":[]"), "{json}");
         assert!(json.contains("\"last_upgrade\":null"), "{json}");
+        assert!(
+            json.ends_with("\"health\":null,\"watchdog_ms\":null,\"last_rollback\":null}\n"),
+            "{json}"
+        );
         let mut s = String::new();
         json_str(&mut s, "\u{1}");
         assert_eq!(s, "\"\\u0001\"");
@@ -392,6 +684,20 @@ mod tests {
         );
         assert!(
             text.contains("last upgrade: succeeded 100ms ago (SIGHUP): generation 3 ready"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "health: http://127.0.0.1:8080/healthz: 7 passed, 1 failed, 0 in a row, last: \
+                 healthy\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "last rollback: generation 2 pid 40, 1m ago, 310ms after ready: generation 2 \
+                 (pid 40) exited with status 1\n"
+            ),
             "{text}"
         );
     }

@@ -37,13 +37,16 @@ impl Supervisor {
     }
 
     pub(super) fn on_exit(&mut self, pid: i32, status: WaitStatus) {
-        if let Some(number) = self.probes.remove(&pid) {
+        if let Some((number, kind)) = self.probes.remove(&pid) {
             // Whatever the probe started in its group goes with it: its
             // answer is in.
             if let Err(e) = sys::signal_group(pid, Signal::SIGKILL) {
                 debug!(generation = number, probe = pid, error = %e, "cannot kill the probe's group");
             }
-            self.on_probe_exit(number, pid, status);
+            match kind {
+                ProbeKind::Ready => self.on_probe_exit(number, pid, status),
+                ProbeKind::Health => self.on_health_exit(number, pid, status),
+            }
             return;
         }
         let Some(number) = self.gens.values().find(|g| g.pid == pid).map(|g| g.number) else {
@@ -56,6 +59,9 @@ impl Supervisor {
         let code = exit_code(status);
         let ran = gen.started.elapsed();
         if let Some(probe) = gen.probe_pid {
+            kill_probe_group(number, probe, "the generation has exited");
+        }
+        if let Some((probe, _)) = gen.health.exec {
             kill_probe_group(number, probe, "the generation has exited");
         }
         let was_current = self.current == Some(number);
@@ -77,6 +83,16 @@ impl Supervisor {
                     "generation {number} (pid {pid}) {} before it was ready",
                     describe(status)
                 );
+                self.finish_upgrade_failure(reason, Some(pid));
+            }
+            Role::Probation => {
+                let after = gen.ready_at.map_or(Duration::ZERO, |r| r.elapsed());
+                let reason = format!(
+                    "generation {number} (pid {pid}) {} during its probation, {} after ready",
+                    describe(status),
+                    format_duration(Duration::from_millis(after.as_millis() as u64))
+                );
+                self.leave_probation(&reason, Self::now());
                 self.finish_upgrade_failure(reason, Some(pid));
             }
             Role::Failed => {
@@ -103,7 +119,11 @@ impl Supervisor {
                     warn!(generation = number, pid, status = %describe(status), "old generation exited");
                 }
             }
-            Role::Draining | Role::Current => self.current_ended(number, pid, status, ran),
+            Role::Draining | Role::Current => {
+                self.restart_asked = gen.liveness_restart;
+                self.current_ended(number, pid, status, ran);
+                self.restart_asked = false;
+            }
         }
     }
 
@@ -144,12 +164,15 @@ impl Supervisor {
     pub(super) fn after_current_ended(&mut self, status: WaitStatus, ran: Duration) {
         let code = exit_code(status);
         self.last_crash_code = code;
-        if self.cfg.restart == RestartPolicy::Never {
+        let asked = std::mem::take(&mut self.restart_asked);
+        if asked {
+            info!(status = %describe(status), "the unhealthy generation has exited");
+        } else if self.cfg.restart == RestartPolicy::Never {
             info!(status = %describe(status), "the app exited; --restart never: stopping");
             self.begin_final(Some(code));
             return;
         }
-        if matches!(status, WaitStatus::Exited(_, 0)) {
+        if !asked && matches!(status, WaitStatus::Exited(_, 0)) {
             info!("the app exited with status 0 without being asked to; stopping");
             self.begin_final(Some(0));
             return;
@@ -158,6 +181,9 @@ impl Supervisor {
             self.crashes = 0;
         }
         self.crashes += 1;
+        if self.crashes > RESTART_LIMIT && self.fall_back() {
+            return;
+        }
         if self.crashes > RESTART_LIMIT {
             error!(
                 crashes = self.crashes,
@@ -192,15 +218,27 @@ impl Supervisor {
         self.phase = Phase::Running;
         let number = self.next_number;
         self.next_number += 1;
-        match self.spawn_generation(number, Role::Current) {
+        let pinned = self.pinned_release.clone();
+        let from = pinned
+            .as_ref()
+            .map_or("the command on disk".to_owned(), |r| {
+                format!("the kept release {}", r.path.display())
+            });
+        match self.spawn_generation(number, Role::Current, pinned.clone()) {
             Ok(pid) => {
                 self.current = Some(number);
                 self.restarts += 1;
                 self.write_pid_file();
+                if pinned.is_none() {
+                    // A deploy since the last start is a new release.
+                    let release = self.gens.get(&number).and_then(|g| g.release.clone());
+                    self.promote_release(release);
+                }
                 info!(
                     generation = number,
                     pid,
                     restarts = self.restarts,
+                    from,
                     "app restarted"
                 );
             }
@@ -217,6 +255,34 @@ impl Supervisor {
                 );
             }
         }
+    }
+
+    /// A crash loop: when the release before the current one is kept (and
+    /// was not fallen back to already), restart that one instead of giving
+    /// up. True when it will.
+    fn fall_back(&mut self) -> bool {
+        let (Some(previous), Some(current)) = (&self.previous_release, &self.current_release)
+        else {
+            return false;
+        };
+        if self.pinned_release.is_some() || previous.id == current.id {
+            return false;
+        }
+        let previous = previous.clone();
+        error!(
+            crashes = self.crashes,
+            broken = %current.path.display(),
+            previous = %previous.path.display(),
+            "crash loop: falling back to the previous release (kept open since it ran)"
+        );
+        self.current_release = Some(previous.clone());
+        self.pinned_release = Some(previous);
+        self.crashes = 0;
+        self.phase = Phase::Restarting {
+            at: Self::now() + RESTART_BACKOFF_FIRST,
+        };
+        self.refuse_pending("the app is restarting after a crash loop (falling back)");
+        true
     }
 
     // ---- stopping -------------------------------------------------------

@@ -9,18 +9,24 @@
 //! Generations have roles:
 //! - **current**: the one serving (also while it drains on a final stop);
 //! - **candidate**: the next one, started by an upgrade, not ready yet;
+//! - **probation**: the candidate once ready, while `--probation` runs: the
+//!   current one stays beside it (parked when it can be, else canary), and
+//!   any failure (exit, `--health` checks, watchdog, the app's own verdict)
+//!   rolls back to it (see `probation.rs`);
 //! - **draining**: told to stop after an upgrade, SIGKILL at its deadline;
 //! - **failed**: a candidate whose upgrade failed while it runs: told to stop
 //!   so that it finishes the requests it took, SIGKILL (with everything it
 //!   started) at `--failed-drain-timeout`; the failure is reported once it is
 //!   reaped.
 //!
-//! Readiness probes (`--ready exec:`) run in a process group of their own,
-//! killed as a whole as soon as their answer no longer matters.
+//! Readiness probes (`--ready exec:`) and health checks (`--health exec:`)
+//! run in a process group of their own, killed as a whole as soon as their
+//! answer no longer matters.
 
 use std::collections::{BTreeMap, HashMap};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -33,15 +39,21 @@ use super::cli::{format_duration, ListenAddress, ReadyMode, RestartPolicy, RunCo
 use super::control::{self, Request, Waiter};
 use super::error::Error;
 use super::signals::{self, Signals};
-use super::spawn::{describe_command, Spawner};
-use super::status::{GenerationInfo, OutcomeInfo, Snapshot};
+use super::spawn::{describe_command, Release, Spawner};
+use super::status::{
+    GenerationInfo, HealthInfo, OutcomeInfo, ProbationInfo, RollbackInfo, Snapshot,
+};
+use crate::channel::{self, Message};
+use crate::health::Probe;
 use crate::listen::{BindOptions, Registry};
 use crate::pidfile::PidFile;
 use crate::{notify, protocol, sys};
 
+use self::probation::health_info;
 use self::tree::{descendants, descendants_with_start, in_tree_of, start_time};
 
 mod exits;
+mod probation;
 mod readiness;
 mod tree;
 mod upgrades;
@@ -76,8 +88,35 @@ pub(crate) fn exit_code(status: WaitStatus) -> i32 {
 enum Role {
     Current,
     Candidate,
+    /// A candidate that is ready, on probation.
+    Probation,
     Draining,
     Failed,
+}
+
+/// What a command run in its own process group is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProbeKind {
+    /// `--ready exec:`.
+    Ready,
+    /// `--health exec:`.
+    Health,
+}
+
+/// The health checks of one generation, and their results so far.
+#[derive(Default)]
+struct Health {
+    /// When to run the check next; `None`: not checked (now).
+    next_at: Option<Instant>,
+    /// A network check in flight: its sequence number and task.
+    running: Option<(u64, AbortOnDrop)>,
+    /// An exec check in flight: its pid (group) and deadline.
+    exec: Option<(i32, Instant)>,
+    passed: u64,
+    failed: u64,
+    in_a_row: u32,
+    /// `healthy`, or what the last failure said.
+    last: Option<String>,
 }
 
 /// Aborts a task when dropped.
@@ -112,8 +151,25 @@ struct Generation {
     /// reaped (its orphans must not outlive a failed upgrade).
     leftovers: Vec<(i32, u64)>,
     rescan_at: Option<Instant>,
-    /// Receives its notifications; dropping it closes the socket.
+    /// Our end of its control channel, to send `park`, `resume`,
+    /// `probation` and `promoted` (the other copy is read by a task).
+    control: OwnedFd,
+    /// It said `parkable` on its control channel.
+    parkable: bool,
+    /// It was told to park (and not to resume since).
+    parked: bool,
+    /// The executable it was started from, kept open.
+    release: Option<Rc<Release>>,
+    /// `--health` checks and results.
+    health: Health,
+    /// `--watchdog`: its next `WATCHDOG=1` is due by then.
+    watchdog_at: Option<Instant>,
+    /// Told to stop because it is unhealthy: its exit restarts it.
+    liveness_restart: bool,
+    /// Receive its notifications and control messages; dropping them
+    /// closes the sockets.
     _notify: AbortOnDrop,
+    _control: AbortOnDrop,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,6 +202,30 @@ struct Upgrade {
     waiters: Vec<Waiter>,
     /// Set once the candidate was killed; reported once it is reaped.
     failure: Option<String>,
+    /// Set once the candidate is ready and `--probation` is on.
+    probation: Option<Probation>,
+}
+
+/// A probation in progress.
+struct Probation {
+    /// When the candidate became ready.
+    started: Instant,
+    /// When it may be promoted (if every check is healthy by then).
+    ends: Instant,
+    ready_after: Duration,
+    /// The generation that stays beside it, if any.
+    old: Option<u64>,
+    /// Whether `old` was parked (else: canary).
+    parked: bool,
+}
+
+/// The last probation that failed.
+struct Rollback {
+    generation: u64,
+    pid: i32,
+    at: Instant,
+    after_ready: Duration,
+    reason: String,
 }
 
 struct Outcome {
@@ -183,6 +263,17 @@ enum Event {
         generation: u64,
         message: notify::Message,
     },
+    /// A control message; `None` at end of file.
+    Control {
+        generation: u64,
+        message: Option<Message>,
+    },
+    /// The result of a network health check.
+    Health {
+        generation: u64,
+        seq: u64,
+        result: Result<(), String>,
+    },
 }
 
 struct Supervisor {
@@ -214,8 +305,22 @@ struct Supervisor {
     last_upgrade: Option<Outcome>,
     upgrades_succeeded: u64,
     upgrades_failed: u64,
-    /// Readiness probes: pid -> generation.
-    probes: HashMap<i32, u64>,
+    /// Commands in process groups of their own: pid -> generation, kind.
+    probes: HashMap<i32, (u64, ProbeKind)>,
+    /// The last probation that failed.
+    last_rollback: Option<Rollback>,
+    /// Sequence number of the last network health check started.
+    health_seq: u64,
+    /// The release of the current generation, and the one before it (the
+    /// crash-loop fallback).
+    current_release: Option<Rc<Release>>,
+    previous_release: Option<Rc<Release>>,
+    /// Restarts start this release instead of the file on disk (after a
+    /// crash-loop fallback, until the next successful upgrade).
+    pinned_release: Option<Rc<Release>>,
+    /// The exit being handled is of a generation stopped by a failed
+    /// liveness check: restart it whatever its status.
+    restart_asked: bool,
     /// `--pid-file`.
     pid_file: Option<PidFile>,
     exit_code: Option<i32>,
@@ -258,6 +363,11 @@ impl Supervisor {
         let Some(pid) = self.current.and_then(|c| self.gen_pid(c)) else {
             return;
         };
+        self.write_pid(pid);
+    }
+
+    /// Writes `pid` to `--pid-file`, if any.
+    fn write_pid(&mut self, pid: i32) {
         let Some(file) = &mut self.pid_file else {
             return;
         };
@@ -285,15 +395,56 @@ impl Supervisor {
             .count()
     }
 
-    /// Binds a notification socket and starts generation `number`.
-    fn spawn_generation(&mut self, number: u64, role: Role) -> std::io::Result<i32> {
+    /// Binds a notification socket, makes a control channel and starts
+    /// generation `number`: from the file on disk, or from `release` (a
+    /// kept executable) when given.
+    fn spawn_generation(
+        &mut self,
+        number: u64,
+        role: Role,
+        release: Option<Rc<Release>>,
+    ) -> std::io::Result<i32> {
         let receiver = notify::Receiver::bind()?;
-        let pid = {
+        let (ours, theirs) = channel::pair()?;
+        let control = ours.try_clone()?;
+        let control_rx = channel::Receiver::new(ours)?;
+        let (pid, opened) = {
             let handoff = self.registry.handoff();
             let sockets: Vec<(&str, BorrowedFd<'_>)> =
                 handoff.iter().map(|(n, fd)| (*n, fd.as_fd())).collect();
-            self.spawner.app(number, &sockets, receiver.address())?
+            self.spawner.app(
+                number,
+                &sockets,
+                theirs.as_fd(),
+                receiver.address(),
+                release.as_deref(),
+            )?
         };
+        // The child has its copy; ours would keep the channel from ever
+        // reaching end of file.
+        drop(theirs);
+        let fallback = release.is_some();
+        let release = release.or_else(|| opened.map(|r| self.intern_release(r)));
+        let events = self.events.clone();
+        let control_task = tokio::spawn(async move {
+            loop {
+                let message = match control_rx.recv().await {
+                    Ok(message) => message,
+                    Err(e) => {
+                        warn!(generation = number, error = %e, "cannot read the control channel");
+                        return;
+                    }
+                };
+                let end = message.is_none();
+                let event = Event::Control {
+                    generation: number,
+                    message,
+                };
+                if events.send(event).is_err() || end {
+                    return;
+                }
+            }
+        });
         let events = self.events.clone();
         let task = tokio::spawn(async move {
             loop {
@@ -333,7 +484,15 @@ impl Supervisor {
             killed: false,
             leftovers: Vec::new(),
             rescan_at: None,
+            control,
+            parkable: false,
+            parked: false,
+            release: release.clone(),
+            health: Health::default(),
+            watchdog_at: None,
+            liveness_restart: false,
             _notify: AbortOnDrop(task),
+            _control: AbortOnDrop(control_task),
         };
         match &self.cfg.ready {
             ReadyMode::Notify => {}
@@ -346,9 +505,48 @@ impl Supervisor {
             pid,
             command = %self.cmd(),
             sockets = self.registry.handoff().len(),
+            release = %release.as_ref().map_or("unknown".into(), |r| r.path.display().to_string()),
+            fallback,
             "generation started"
         );
         Ok(pid)
+    }
+
+    /// `release`, or the kept one that is the same file.
+    fn intern_release(&self, release: Release) -> Rc<Release> {
+        [
+            &self.current_release,
+            &self.previous_release,
+            &self.pinned_release,
+        ]
+        .into_iter()
+        .flatten()
+        .find(|kept| kept.id == release.id)
+        .cloned()
+        .unwrap_or_else(|| Rc::new(release))
+    }
+
+    /// Sends a control message to generation `number`; false when it is
+    /// gone or its channel is (it exits, or does not read it).
+    fn tell(&self, number: u64, message: &Message) -> bool {
+        let Some(gen) = self.gens.get(&number) else {
+            return false;
+        };
+        match channel::send(gen.control.as_fd(), message) {
+            Ok(()) => {
+                debug!(
+                    generation = number,
+                    pid = gen.pid,
+                    ?message,
+                    "control message sent"
+                );
+                true
+            }
+            Err(e) => {
+                debug!(generation = number, pid = gen.pid, ?message, error = %e, "control message not sent");
+                false
+            }
+        }
     }
 
     /// SIGKILL to a generation and every process it started: nothing of a
@@ -392,8 +590,10 @@ impl Supervisor {
         gen.kill_at = Some(now + drain);
         gen.ready_deadline = None;
         gen.delay_ready_at = None;
+        gen.watchdog_at = None;
         let pid = gen.pid;
         self.kill_probe(number, "the generation is stopping");
+        self.stop_health(number, "the generation is stopping");
         info!(
             generation = number,
             pid,
@@ -481,16 +681,21 @@ impl Supervisor {
             .flat_map(|g| {
                 let waiting =
                     g.ready_at.is_none() && matches!(g.role, Role::Current | Role::Candidate);
+                let checking = g.health.running.is_none() && g.health.exec.is_none();
                 [
                     g.kill_at.filter(|_| !g.killed),
                     g.rescan_at.filter(|_| !g.killed),
                     g.ready_deadline.filter(|_| waiting),
                     g.delay_ready_at.filter(|_| waiting),
                     g.probe_at.filter(|_| waiting && g.probe_pid.is_none()),
+                    g.health.next_at.filter(|_| checking),
+                    g.health.exec.map(|(_, deadline)| deadline),
+                    g.watchdog_at,
                 ]
             })
             .flatten()
             .chain(phase)
+            .chain(self.probation_deadline())
             .min()
     }
 
@@ -517,6 +722,12 @@ impl Supervisor {
                 self.kill_tree(number, pid);
                 continue;
             }
+            if self.health_timers(number, now) {
+                continue;
+            }
+            let Some(gen) = self.gens.get_mut(&number) else {
+                continue;
+            };
             if !gen.killed && gen.rescan_at.is_some_and(|t| t <= now) {
                 let pid = gen.pid;
                 for found in descendants_with_start(pid) {
@@ -562,6 +773,7 @@ impl Supervisor {
                 self.start_probe(number);
             }
         }
+        self.probation_timer(now);
         match self.phase {
             Phase::Restarting { at } if at <= now => self.restart(),
             Phase::ShuttingDown { stop_at } if stop_at <= now => {
@@ -595,7 +807,9 @@ impl Supervisor {
             kill_in: g.kill_at.map(|k| k.saturating_duration_since(now)),
         };
         let current = self.current.and_then(|c| self.gens.get(&c));
+        let on_probation = self.upgrade.as_ref().is_some_and(|u| u.probation.is_some());
         let state = match self.phase {
+            Phase::Running if on_probation => "probation",
             Phase::Running if self.upgrade.is_some() => "upgrading",
             Phase::Running if current.is_some_and(|g| g.ready_at.is_some()) => "serving",
             Phase::Running => "starting",
@@ -634,6 +848,22 @@ impl Supervisor {
                 detail: o.detail.clone(),
             }),
             listeners: self.listeners.clone(),
+            probation: self.probation_info(now),
+            health: self
+                .cfg
+                .health
+                .as_ref()
+                .zip(current)
+                .filter(|_| !on_probation)
+                .map(|(check, g)| health_info(check.probe.to_string(), &g.health)),
+            watchdog: self.cfg.watchdog,
+            last_rollback: self.last_rollback.as_ref().map(|r| RollbackInfo {
+                generation: r.generation,
+                pid: r.pid,
+                ago: now - r.at,
+                after_ready: r.after_ready,
+                reason: r.reason.clone(),
+            }),
         }
     }
 
@@ -776,6 +1006,7 @@ pub(crate) fn run(cfg: RunConfig) -> Result<i32, Error> {
                 command: cfg.command.clone(),
                 env,
                 supervisor_pid: own_pid,
+                watchdog: cfg.watchdog,
             },
             registry,
             listeners,
@@ -799,6 +1030,12 @@ pub(crate) fn run(cfg: RunConfig) -> Result<i32, Error> {
             upgrades_succeeded: 0,
             upgrades_failed: 0,
             probes: HashMap::new(),
+            last_rollback: None,
+            health_seq: 0,
+            current_release: None,
+            previous_release: None,
+            pinned_release: None,
+            restart_asked: false,
             pid_file: cfg.pid_file.clone().map(PidFile::new),
             exit_code: None,
             cfg,
@@ -820,9 +1057,10 @@ pub(crate) fn run(cfg: RunConfig) -> Result<i32, Error> {
         for (name, address) in &sup.listeners {
             info!(name, address, "listening");
         }
-        match sup.spawn_generation(1, Role::Current) {
+        match sup.spawn_generation(1, Role::Current, None) {
             Ok(_) => {
                 sup.current = Some(1);
+                sup.current_release = sup.gens.get(&1).and_then(|g| g.release.clone());
                 sup.write_pid_file();
             }
             Err(source) => {
@@ -869,7 +1107,7 @@ pub(crate) fn run(cfg: RunConfig) -> Result<i32, Error> {
                         for gen in sup.gens.values() {
                             sup.kill_tree(gen.number, gen.pid);
                         }
-                        for (&probe, &generation) in &sup.probes {
+                        for (&probe, &(generation, _)) in &sup.probes {
                             kill_probe_group(generation, probe, "the supervisor is exiting");
                         }
                         sup.remove_pid_file();
@@ -878,6 +1116,10 @@ pub(crate) fn run(cfg: RunConfig) -> Result<i32, Error> {
                 },
                 Some(event) = events.recv() => match event {
                     Event::Notify { generation, message } => sup.on_notify(generation, message),
+                    Event::Control { generation, message } => sup.on_control(generation, message),
+                    Event::Health { generation, seq, result } => {
+                        sup.on_health_result(generation, seq, result)
+                    }
                 },
                 Some(request) = requests.recv() => sup.on_request(request),
                 () = sleep => {}

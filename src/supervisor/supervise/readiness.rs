@@ -22,8 +22,9 @@ impl Supervisor {
         let role = gen.role;
         let (pid, ready_after) = (gen.pid, now - gen.started);
         self.kill_probe(number, "the generation is ready");
+        self.on_ready_checks(number, role, now);
         match role {
-            Role::Candidate => self.upgrade_succeeded(number, ready_after),
+            Role::Candidate => self.candidate_ready(number, ready_after),
             _ => {
                 info!(
                     generation = number,
@@ -104,6 +105,10 @@ impl Supervisor {
                 mainpid, "MAINPID ignored: the supervisor follows the process it started"
             );
         }
+        if let Some(value) = message.get("WATCHDOG") {
+            let value = value.to_owned();
+            self.on_watchdog(number, &value);
+        }
         if message.is_ready() {
             if self.cfg.ready == ReadyMode::Notify {
                 self.mark_ready(number, "READY=1");
@@ -133,7 +138,7 @@ impl Supervisor {
             Ok(probe) => {
                 debug!(generation = number, probe, "readiness command started");
                 gen.probe_pid = Some(probe);
-                self.probes.insert(probe, number);
+                self.probes.insert(probe, (number, ProbeKind::Ready));
             }
             Err(e) => {
                 warn!(generation = number, error = %e, "cannot run the readiness command");

@@ -114,8 +114,9 @@ impl Supervisor {
             started: Self::now(),
             waiters: pending.waiters,
             failure: None,
+            probation: None,
         });
-        match self.spawn_generation(number, Role::Candidate) {
+        match self.spawn_generation(number, Role::Candidate, None) {
             Ok(pid) => {
                 let line = format!(
                     "step: generation {number} is pid {pid}; waiting for {} (ready timeout {})",
@@ -140,18 +141,36 @@ impl Supervisor {
         let Some(pid) = self.gen_pid(number) else {
             return;
         };
-        if let Some(gen) = self.gens.get_mut(&number) {
+        let release = self.gens.get_mut(&number).and_then(|gen| {
             gen.role = Role::Current;
-        }
+            gen.release.clone()
+        });
         let old = self.current.replace(number);
         self.lost_current = None;
         self.write_pid_file();
         // New code that got ready: crashes of the old code do not count.
         self.crashes = 0;
+        self.promote_release(release);
+        self.tell(number, &Message::Promoted);
         let mut detail = format!(
             "generation {number} (pid {pid}) ready after {}",
             format_duration(ready_after)
         );
+        let on_probation = up.probation.as_ref().map(|p| p.started.elapsed());
+        if let Some(p) = &up.probation {
+            let checks = match (&self.cfg.health, self.gens.get(&number)) {
+                (Some(_), Some(g)) => format!(
+                    "{} health checks passed, {} failed",
+                    g.health.passed, g.health.failed
+                ),
+                _ => "it stayed alive".to_owned(),
+            };
+            detail.push_str(&format!(
+                ", promoted after {} on probation ({}; {checks})",
+                format_duration(Duration::from_millis(p.started.elapsed().as_millis() as u64)),
+                if p.parked { "parked" } else { "canary" },
+            ));
+        }
         match old.and_then(|o| self.gen_pid(o).map(|p| (o, p))) {
             Some((old, old_pid)) => {
                 self.stop_generation(old);
@@ -167,6 +186,7 @@ impl Supervisor {
             generation = number,
             pid,
             ready_ms = ready_after.as_millis() as u64,
+            probation_ms = on_probation.map_or(0, |d| d.as_millis() as u64),
             upgrade_ms = up.started.elapsed().as_millis() as u64,
             "upgrade succeeded"
         );
@@ -196,6 +216,12 @@ impl Supervisor {
             return;
         }
         let number = up.number;
+        // A rollback first: the old generation resumes before anything else.
+        self.leave_probation(&reason, Self::now());
+        self.stop_health(number, "the upgrade failed");
+        let Some(up) = &mut self.upgrade else {
+            return;
+        };
         let Some(pid) = self.gens.get(&number).map(|g| g.pid) else {
             self.finish_upgrade_failure(reason, None);
             return;
@@ -226,6 +252,7 @@ impl Supervisor {
             gen.role = Role::Failed;
             gen.ready_deadline = None;
             gen.delay_ready_at = None;
+            gen.watchdog_at = None;
             gen.stop_sent_at = Some(now);
             gen.kill_at = Some(now + grace);
             gen.leftovers = leftovers;
@@ -287,6 +314,27 @@ impl Supervisor {
                 Duration::ZERO,
             ));
             self.after_current_ended(status, ran);
+        }
+    }
+}
+
+impl Supervisor {
+    /// `release` is now the current one: the one it replaces becomes the
+    /// crash-loop fallback, and restarts start the file on disk again.
+    pub(super) fn promote_release(&mut self, release: Option<Rc<Release>>) {
+        self.pinned_release = None;
+        let Some(release) = release else {
+            return;
+        };
+        if self.current_release.as_ref().map(|r| r.id) != Some(release.id) {
+            if let Some(old) = self.current_release.replace(release.clone()) {
+                debug!(
+                    current = %release.path.display(),
+                    previous = %old.path.display(),
+                    "new release; the previous one is kept for a crash-loop fallback"
+                );
+                self.previous_release = Some(old);
+            }
         }
     }
 }
