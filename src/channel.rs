@@ -12,6 +12,9 @@
 //! | `promoted` | the starter | probation passed: it is the current generation |
 //! | `park` | the starter | stop accepting, wind connections down, keep listeners and state |
 //! | `resume` | the starter | accept again |
+//! | `offer <id> <state>` + an fd | the old generation | a live connection, with the app's bytes for it (binary) |
+//! | `adopted <id>` | the new generation | it serves that connection now: the old one lets go of it |
+//! | `declined <id>` | the new generation | it does not: the old one goes on serving it |
 //!
 //! End of file means the other side is gone. Unknown messages are ignored,
 //! so that either side may be newer.
@@ -37,6 +40,10 @@ pub(crate) enum Message {
     Promoted,
     Park,
     Resume,
+    /// A connection offered to the next generation (the fd travels beside).
+    Offer(u64, Vec<u8>),
+    Adopted(u64),
+    Declined(u64),
 }
 
 impl Message {
@@ -58,12 +65,24 @@ impl Message {
             Message::Promoted => "promoted".to_owned(),
             Message::Park => "park".to_owned(),
             Message::Resume => "resume".to_owned(),
+            Message::Offer(id, state) => {
+                let mut bytes = format!("offer {id} ").into_bytes();
+                bytes.extend_from_slice(state);
+                return bytes;
+            }
+            Message::Adopted(id) => format!("adopted {id}"),
+            Message::Declined(id) => format!("declined {id}"),
         };
         text.into_bytes()
     }
 
     /// `None` for a message this version does not know.
     pub(crate) fn decode(bytes: &[u8]) -> Option<Message> {
+        if let Some(rest) = bytes.strip_prefix(b"offer ") {
+            let space = rest.iter().position(|b| *b == b' ')?;
+            let id = std::str::from_utf8(&rest[..space]).ok()?.parse().ok()?;
+            return Some(Message::Offer(id, rest[space + 1..].to_vec()));
+        }
         let text = std::str::from_utf8(bytes).ok()?;
         let (word, rest) = text.split_once(' ').unwrap_or((text, ""));
         Some(match word {
@@ -74,6 +93,8 @@ impl Message {
             "promoted" => Message::Promoted,
             "park" => Message::Park,
             "resume" => Message::Resume,
+            "adopted" => Message::Adopted(rest.parse().ok()?),
+            "declined" => Message::Declined(rest.parse().ok()?),
             _ => return None,
         })
     }
@@ -112,6 +133,31 @@ pub(crate) fn send(fd: BorrowedFd<'_>, message: &Message) -> io::Result<()> {
     }
 }
 
+/// Sends one message with an fd (`SCM_RIGHTS`) without blocking.
+pub(crate) fn send_with_fd(
+    fd: BorrowedFd<'_>,
+    message: &Message,
+    passed: BorrowedFd<'_>,
+) -> io::Result<()> {
+    let bytes = message.encode();
+    let iov = [io::IoSlice::new(&bytes)];
+    let fds = [passed.as_raw_fd()];
+    let cmsg = [nsock::ControlMessage::ScmRights(&fds)];
+    loop {
+        match nsock::sendmsg::<()>(
+            fd.as_raw_fd(),
+            &iov,
+            &cmsg,
+            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+            None,
+        ) {
+            Ok(_) => return Ok(()),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// The receiving side, registered with Tokio.
 pub(crate) struct Receiver {
     fd: AsyncFd<Arc<OwnedFd>>,
@@ -136,22 +182,24 @@ impl Receiver {
         self.fd.get_ref().as_fd()
     }
 
-    /// The next message this version knows; `None` at end of file.
+    /// The next message this version knows; `None` at end of file. An fd
+    /// passed with a message is closed.
     pub(crate) async fn recv(&self) -> io::Result<Option<Message>> {
-        let mut buf = [0u8; MAX_MESSAGE];
+        Ok(self.recv_with_fd().await?.map(|(message, _)| message))
+    }
+
+    /// The next message this version knows, with the fd passed with it, if
+    /// any; `None` at end of file.
+    pub(crate) async fn recv_with_fd(&self) -> io::Result<Option<(Message, Option<OwnedFd>)>> {
+        let mut buf = vec![0u8; MAX_PACKET];
         loop {
             let mut guard = self.fd.readable().await?;
-            let got = guard.try_io(|fd| {
-                match nsock::recv(fd.get_ref().as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
-                    Ok(n) => Ok(n),
-                    Err(e) => Err(io::Error::from(e)),
-                }
-            });
+            let got = guard.try_io(|fd| receive(fd.get_ref().as_raw_fd(), &mut buf));
             match got {
-                Ok(Ok(0)) => return Ok(None),
-                Ok(Ok(n)) => {
+                Ok(Ok(None)) => return Ok(None),
+                Ok(Ok(Some((n, passed)))) => {
                     if let Some(message) = Message::decode(&buf[..n]) {
-                        return Ok(Some(message));
+                        return Ok(Some((message, passed)));
                     }
                     tracing::debug!("unknown control message ignored");
                 }
@@ -161,6 +209,38 @@ impl Receiver {
             }
         }
     }
+}
+
+/// The largest packet read: an offer carries the app's bytes for a
+/// connection.
+const MAX_PACKET: usize = 64 * 1024;
+
+/// One `recvmsg`: the length read and the fd passed, if any; `None` at end
+/// of file. Fds beyond the first are closed.
+fn receive(fd: std::os::fd::RawFd, buf: &mut [u8]) -> io::Result<Option<(usize, Option<OwnedFd>)>> {
+    let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 4]);
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let msg = nsock::recvmsg::<()>(
+        fd,
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    let n = msg.bytes;
+    let mut passed = Vec::new();
+    if let Ok(cmsgs) = msg.cmsgs() {
+        for c in cmsgs {
+            if let nsock::ControlMessageOwned::ScmRights(fds) = c {
+                // SAFETY: these fds were installed in this process by the
+                // recvmsg just above, and nothing else owns them.
+                passed.extend(unsafe { crate::sys::own_received_fds(&fds) });
+            }
+        }
+    }
+    if n == 0 && passed.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some((n, passed.into_iter().next())))
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ use tracing::{debug, info, warn};
 use crate::channel::{self, Message};
 use crate::drain::{DrainReport, Stop, Watch};
 use crate::error::{Error, Result};
+use crate::handoff::{Adoptions, Successor};
 use crate::lifecycle::Lifecycle;
 use crate::listen::{BindOptions, Registry};
 use crate::listener::Listener;
@@ -52,6 +53,11 @@ pub(crate) struct Inner {
     process_group: Option<i32>,
     pub(crate) ready_done: AtomicBool,
     signals: Installed,
+    /// The channel to the generation that replaced this one, for handing
+    /// it live connections.
+    pub(crate) successor: Successor,
+    /// Live connections the previous generation handed over.
+    pub(crate) adoptions: Adoptions,
     /// What the lifecycle counted, for [`Handover::metrics`].
     pub(crate) counters: Counters,
     pub(crate) started_at: std::time::SystemTime,
@@ -252,6 +258,8 @@ impl Handover {
                 ready_done: AtomicBool::new(false),
                 signals: Installed::default(),
                 counters: Counters::default(),
+                successor: Successor::default(),
+                adoptions: Adoptions::default(),
                 started_at: std::time::SystemTime::now(),
                 control_reader: AtomicBool::new(false),
                 started: Instant::now(),
@@ -302,9 +310,21 @@ impl Handover {
             return;
         };
         let lifecycle = self.inner.lifecycle.clone();
+        let handover = self.clone();
         tokio::spawn(async move {
             loop {
-                match receiver.recv().await {
+                let received = receiver.recv_with_fd().await;
+                let received = match received {
+                    Ok(Some((Message::Offer(id, state), fd))) => {
+                        let answer = handover.inner.adoptions.offer(id, fd, state);
+                        if let Err(e) = channel::send(receiver.as_fd(), &answer) {
+                            debug!(error = %e, "cannot answer a connection offer");
+                        }
+                        continue;
+                    }
+                    other => other.map(|m| m.map(|(message, _)| message)),
+                };
+                match received {
                     Ok(Some(Message::Park)) => lifecycle.park(true),
                     Ok(Some(Message::Resume)) => lifecycle.park(false),
                     Ok(Some(Message::Probation(window))) => info!(

@@ -48,6 +48,7 @@ mod channel;
 mod drain;
 mod environment;
 mod error;
+mod handoff;
 mod handover;
 mod health;
 mod lifecycle;

@@ -274,6 +274,8 @@ impl Handover {
                 slot.mark_replaced();
                 let probation = self.promote(&mut child, &control, ready_after).await?;
                 child.detach();
+                // Kept, so that live connections can be handed to it.
+                inner.successor.attach(control);
                 Ok(Upgraded {
                     pid,
                     generation: inner.generation.saturating_add(1),

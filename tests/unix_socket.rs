@@ -52,7 +52,7 @@ fn unix_listener_survives_upgrades_and_is_removed_on_final_stop() {
     let (mut stream, mut reader) = session(&path);
     assert_eq!(
         echo(&mut stream, &mut reader, "hi"),
-        format!("{gen1}: hi\n")
+        format!("{gen1} 1: hi\n")
     );
 
     server.signal(Signal::SIGHUP).expect("SIGHUP");
@@ -69,7 +69,7 @@ fn unix_listener_survives_upgrades_and_is_removed_on_final_stop() {
     let (mut stream, mut reader) = session(&path);
     assert_eq!(
         echo(&mut stream, &mut reader, "again"),
-        format!("{gen2}: again\n")
+        format!("{gen2} 1: again\n")
     );
     drop((stream, reader));
 
@@ -109,6 +109,6 @@ fn supervised_upgrade_keeps_the_unix_socket_path() {
     let (mut stream, mut reader) = session(&path);
     assert_eq!(
         echo(&mut stream, &mut reader, "still"),
-        format!("{gen2}: still\n")
+        format!("{gen2} 1: still\n")
     );
 }
