@@ -11,7 +11,8 @@
 //! each TCP session, at a line boundary, is handed to the new generation
 //! (`Handover::hand_over`) with its count and the bytes it had read but not answered yet, and
 //! the new generation adopts it (`Handover::adopt`). A session the new generation does not
-//! take, and every Unix session, says `bye` and closes: its client reconnects and lands on the
+//! take (`--no-adopt` makes a release that takes none), and every Unix session, says `bye`
+//! and closes: its client reconnects and lands on the
 //! new generation.
 
 use std::net::SocketAddr;
@@ -26,8 +27,12 @@ enum Listen {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // `--no-adopt` (anywhere): take no session over (a release that declines
+    // them: the previous generation then keeps its sessions, says bye).
+    let no_adopt = std::env::args().any(|a| a == "--no-adopt");
     let arg = std::env::args()
-        .nth(1)
+        .skip(1)
+        .find(|a| a != "--no-adopt")
         .unwrap_or_else(|| "127.0.0.1:7000".to_owned());
     let listen = if arg.starts_with('/') {
         Listen::Unix(arg.into())
@@ -49,6 +54,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 // Sessions the previous generation hands over.
                 let h = handover.clone();
                 tokio::spawn(async move {
+                    if no_adopt {
+                        return;
+                    }
                     while let Some(adopted) = h.adopt().await {
                         let Ok((stream, state)) = adopted else {
                             continue;

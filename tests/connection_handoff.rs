@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use common::{Exit, ServerProcess, Signal};
+use common::{deploy, Deploy, Exit, ServerProcess, Signal, TempDir};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -73,4 +73,49 @@ fn sessions_keep_their_connection_and_counter_across_ten_upgrades() {
         .matches("connection adopted from the previous generation")
         .count();
     assert_eq!(adopted, 3 * 10, "every session moved at every upgrade");
+}
+
+#[test]
+fn a_release_that_declines_leaves_the_sessions_with_the_old_generation() {
+    let dir = TempDir::new("handoff-declined");
+    let exe = dir.path().join("echo");
+    let real = dir.path().join("real");
+    deploy(&exe, Deploy::Binary(&common::example_path("echo")));
+    deploy(&real, Deploy::Binary(&common::example_path("echo")));
+    let mut cmd = std::process::Command::new(&exe);
+    cmd.arg("127.0.0.1:0");
+    let server = ServerProcess::spawn(cmd);
+    let gen1 = server.wait_ready(1);
+    let stream = TcpStream::connect_timeout(&gen1.addr, WAIT).expect("connect");
+    stream.set_read_timeout(Some(WAIT)).expect("timeout");
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut stream = stream;
+    assert_eq!(
+        ask(&mut stream, &mut reader, "one"),
+        format!("{} 1: one", gen1.pid)
+    );
+    // The next release takes no session: the offer is declined, and the old
+    // generation, which kept the connection, ends it gracefully.
+    deploy(
+        &exe,
+        Deploy::Script(&format!("exec {} \"$@\" --no-adopt", real.display())),
+    );
+    server.signal(Signal::SIGHUP).expect("SIGHUP");
+    let gen2 = server.wait_ready(2);
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("read");
+    assert_eq!(
+        line, "bye\n",
+        "the old generation kept the session and closed it"
+    );
+    assert_eq!(server.wait_exit(gen1.pid, WAIT), Ok(Exit::Code(0)));
+    // A new connection reaches the new generation.
+    let stream = TcpStream::connect_timeout(&gen1.addr, WAIT).expect("connect");
+    stream.set_read_timeout(Some(WAIT)).expect("timeout");
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut stream = stream;
+    assert_eq!(
+        ask(&mut stream, &mut reader, "two"),
+        format!("{} 1: two", gen2.pid)
+    );
 }
