@@ -7,11 +7,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Instant;
 
 use futures::future::{BoxFuture, FutureExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::{debug, info, warn};
 
 use crate::channel::{self, Message};
 use crate::handover::{lock, Handover};
+use crate::health::Probe;
 use crate::options::Health;
 use crate::sys::{self, Child, Exec};
 use crate::Signal;
@@ -158,22 +158,31 @@ impl Handover {
             Health::Exec(command) => Some(self.probe_exec(command, pid, generation)),
             _ => None,
         };
+        // The network checks are the supervisor's (`health::Probe`), aimed at
+        // our first TCP listener.
+        let network = target.map(|addr| {
+            let (host, port) = (addr.ip().to_string(), addr.port());
+            match &health {
+                Health::Http(path) => Some(Probe::Http {
+                    host,
+                    port,
+                    path: path.clone(),
+                }),
+                Health::Tcp => Some(Probe::Tcp { host, port }),
+                Health::Exec(_) => None,
+            }
+        });
         async move {
-            let checked = async {
-                match (health, exec) {
-                    (Health::Http(path), _) => http_get(target.ok_or(NO_TCP)?, &path).await,
-                    (Health::Tcp, _) => tokio::net::TcpStream::connect(target.ok_or(NO_TCP)?)
-                        .await
-                        .map(drop)
-                        .map_err(|e| format!("connect: {e}")),
-                    (Health::Exec(_), Some(Ok(child))) => wait_probe(child).await,
-                    (Health::Exec(_), Some(Err(e))) => Err(e),
-                    (Health::Exec(_), None) => Err("no probe".to_owned()),
+            match (exec, network) {
+                (Some(Ok(child)), _) => {
+                    match tokio::time::timeout(timeout, wait_probe(child)).await {
+                        Ok(result) => result,
+                        Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+                    }
                 }
-            };
-            match tokio::time::timeout(timeout, checked).await {
-                Ok(result) => result,
-                Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+                (Some(Err(e)), _) => Err(e),
+                (None, Some(Some(probe))) => probe.run(timeout).await,
+                (None, _) => Err(NO_TCP.to_owned()),
             }
         }
         .boxed()
@@ -219,40 +228,5 @@ async fn wait_probe(mut child: Child) -> Result<(), String> {
             Err(format!("the health command {}", sys::describe(status)))
         }
         Err(e) => Err(format!("cannot wait for the health command: {e}")),
-    }
-}
-
-/// `GET path` with `Connection: close`: `Ok` for a 2xx or 3xx status.
-pub(crate) async fn http_get(addr: SocketAddr, path: &str) -> Result<(), String> {
-    let mut stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connect to {addr}: {e}"))?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .map_err(|e| format!("send: {e}"))?;
-    let mut head = Vec::with_capacity(64);
-    let mut byte = [0u8; 256];
-    while !head.contains(&b'\n') && head.len() < 1024 {
-        let n = stream
-            .read(&mut byte)
-            .await
-            .map_err(|e| format!("read: {e}"))?;
-        if n == 0 {
-            break;
-        }
-        head.extend_from_slice(&byte[..n]);
-    }
-    let line = String::from_utf8_lossy(&head);
-    let line = line.lines().next().unwrap_or_default();
-    let status: Option<u16> = line
-        .strip_prefix("HTTP/1.")
-        .and_then(|rest| rest.split_whitespace().nth(1))
-        .and_then(|code| code.parse().ok());
-    match status {
-        Some(code) if (200..400).contains(&code) => Ok(()),
-        Some(code) => Err(format!("GET {path} answered {code}")),
-        None => Err(format!("GET {path}: not an HTTP answer: {line:?}")),
     }
 }
