@@ -26,28 +26,26 @@
 //! `--health-path PATH` (an HTTP check of `GET PATH` on the listener's
 //! address), `--health-interval-ms N` (500), `--health-threshold N` (3).
 //!
-//! Draining keeps every request: HTTP/1 responses get `Connection: close`
-//! once the generation is stopping, so clients reconnect (to the new
-//! generation) between requests; a connection still idle after a short grace
-//! is closed by hyper's `graceful_shutdown`, which for HTTP/2 sends GOAWAY.
+//! The server is `handover::serve::hyper`, which drains without losing a
+//! request: HTTP/1 responses get `Connection: close` once the generation
+//! winds down, so clients reconnect (to the new generation) between
+//! requests; a connection still open after a short grace is closed by hyper's
+//! graceful shutdown, which for HTTP/2 sends GOAWAY; then the drain.
 
 #[path = "shared/app.rs"]
 mod app;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
-use handover::{Handover, Options, Watch};
+use handover::{Handover, Options};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use tracing::{info, warn};
+use tracing::info;
 
-use app::{status, IDLE_GRACE};
+use app::status;
 
 struct Args {
     common: app::CommonArgs,
@@ -109,7 +107,6 @@ async fn main() {
 /// What a request handler knows.
 struct App {
     handover: Handover,
-    watch: Watch,
     pid: u32,
     generation: u64,
     child_probe: bool,
@@ -133,47 +130,17 @@ async fn serve(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         app::crash_after_ready(args.common.crash_after_ready);
     }
 
-    let watch = handover.watch();
     let app = Arc::new(App {
         handover: handover.clone(),
-        watch: watch.clone(),
         pid,
         generation,
         child_probe: args.child_probe,
         upgrade_endpoint: args.upgrade_endpoint,
         unhealthy: args.common.unhealthy,
     });
-    let builder = auto::Builder::new(TokioExecutor::new());
-    // Ends once this generation stops; waits while it is parked (a new
-    // generation on probation beside it).
-    while let Some(accepted) = listener.accept().await {
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                // Out of fds and the like: the connection stays queued; try
-                // again shortly rather than give up.
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let app = app.clone();
-        let service = service_fn(move |req| app::respond(req, app.clone()));
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = watch.graceful(conn, IDLE_GRACE, |conn| conn.graceful_shutdown());
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-        });
-    }
-    let stop = handover.stopping().await;
-    info!(?stop, "no longer accepting");
-    drop(listener);
-    let report = handover.drain().await;
+    let service = service_fn(move |req| app::respond(req, app.clone()));
+    // Until this generation stops (waiting while it is parked), then the drain.
+    let report = handover::serve::hyper(&handover, listener, service).await;
     info!(?report, "exiting");
     Ok(())
 }
@@ -185,10 +152,6 @@ impl app::App for App {
 
     fn generation(&self) -> u64 {
         self.generation
-    }
-
-    fn is_stopping(&self) -> bool {
-        self.watch.is_winding_down()
     }
 
     fn unhealthy(&self) -> bool {

@@ -21,9 +21,15 @@
 //! `Connection: close`; a connection still idle after a short grace is closed; exit after
 //! the connections end or the drain timeout. SIGHUP is not handled: this server cannot
 //! upgrade itself.
+//!
+//! The accept loop and that drain are written by hand here, on purpose: this server must stay
+//! free of `handover` (it is the benchmarks' baseline, and the unmodified app that `handover
+//! run` wraps), so it cannot use `handover::serve`, which `http_server` uses for the same.
 
 #[path = "shared/app.rs"]
 mod app;
+#[path = "shared/notify.rs"]
+mod notify;
 
 use std::net::SocketAddr;
 use std::os::fd::FromRawFd;
@@ -33,14 +39,17 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONNECTION};
 use hyper::service::service_fn;
-use hyper::{Request, Response};
+use hyper::{Request, Response, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
-use app::IDLE_GRACE;
+/// How long a stopping server lets an idle HTTP/1 connection be before closing it (what
+/// `handover::serve` calls the idle grace).
+const IDLE_GRACE: Duration = Duration::from_millis(500);
 
 struct Args {
     listen: SocketAddr,
@@ -113,26 +122,6 @@ fn activated_listener() -> Result<Option<std::net::TcpListener>, String> {
     Ok(Some(listener))
 }
 
-/// `READY=1` to `$NOTIFY_SOCKET` (a path, or `@name` for the abstract namespace).
-fn notify_ready() -> Result<(), String> {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return Ok(());
-    };
-    let socket = std::os::unix::net::UnixDatagram::unbound().map_err(|e| e.to_string())?;
-    let message = format!("READY=1\nMAINPID={}\n", std::process::id());
-    let sent = match path.to_str().and_then(|p| p.strip_prefix('@')) {
-        Some(name) => {
-            use std::os::linux::net::SocketAddrExt;
-            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
-                .map_err(|e| e.to_string())?;
-            socket.send_to_addr(message.as_bytes(), &addr)
-        }
-        None => socket.send_to(message.as_bytes(), &path),
-    };
-    sent.map(|_| ())
-        .map_err(|e| format!("NOTIFY_SOCKET {path:?}: {e}"))
-}
-
 struct App {
     pid: u32,
     generation: u64,
@@ -159,7 +148,7 @@ async fn serve(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if args.never_ready {
         tracing::warn!("--never-ready: serving without ever saying ready");
     } else {
-        notify_ready()?;
+        notify::ready()?;
         app::print_ready(pid, generation, addr)?;
         tracing::info!(pid, generation, %addr, "ready");
         app::crash_after_ready(args.crash_after_ready);
@@ -187,7 +176,7 @@ async fn serve(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 };
                 let _ = stream.set_nodelay(true);
                 let app = app.clone();
-                let service = service_fn(move |req| app::respond(req, app.clone()));
+                let service = service_fn(move |req| respond(req, app.clone()));
                 let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
                 let mut stopping = stop_rx.clone();
                 connections.spawn(async move {
@@ -221,6 +210,22 @@ async fn serve(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// The shared handler; while draining, HTTP/1 responses say `Connection: close`, so that
+/// clients reconnect between requests instead of sending into a connection being closed.
+async fn respond(
+    req: Request<Incoming>,
+    app: Arc<App>,
+) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+    let http1 = req.version() <= Version::HTTP_11;
+    let mut response = app::respond(req, app.clone()).await?;
+    if http1 && *app.stopping.borrow() {
+        response
+            .headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    Ok(response)
+}
+
 impl app::App for App {
     fn pid(&self) -> u32 {
         self.pid
@@ -228,10 +233,6 @@ impl app::App for App {
 
     fn generation(&self) -> u64 {
         self.generation
-    }
-
-    fn is_stopping(&self) -> bool {
-        *self.stopping.borrow()
     }
 
     fn unhealthy(&self) -> bool {

@@ -60,6 +60,9 @@ mod options;
 mod pidfile;
 mod probation;
 mod protocol;
+#[cfg(feature = "hyper")]
+#[cfg_attr(docsrs, doc(cfg(feature = "hyper")))]
+pub mod serve;
 mod signals;
 mod state;
 mod supervisor;

@@ -1,6 +1,9 @@
-//! What `http_server` and `plain_server` share, so that the two differ by `handover` only (the
-//! throughput bench compares them): the request handler, the common options, the logging
-//! set-up and the ready line. Included by both with `#[path = "shared/app.rs"] mod app;`.
+//! What the example servers share, so that they differ by `handover` only (the throughput
+//! bench compares `http_server` with `plain_server`): the request handler, the common options,
+//! the logging set-up and the ready line. Included with `#[path = "shared/app.rs"] mod app;`.
+//!
+//! The drain itself is not here: `http_server` and `axum_server` get it from
+//! `handover::serve`, and `plain_server`, which must stay free of `handover`, has its own.
 
 use std::future::Future;
 use std::io::Write;
@@ -11,12 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONNECTION};
-use hyper::{Request, Response, StatusCode, Version};
-
-/// How long a stopping server lets an idle HTTP/1 connection be before closing it; see
-/// `Watch::graceful`.
-pub const IDLE_GRACE: Duration = Duration::from_millis(500);
+use hyper::{Request, Response, StatusCode};
 
 /// The options both servers take: `--listen ADDR` (default 127.0.0.1:8080),
 /// `--drain-timeout-ms N` (30000), and those that make a broken release:
@@ -134,8 +132,6 @@ pub trait App: Send + Sync + 'static {
     fn pid(&self) -> u32;
     /// Its generation.
     fn generation(&self) -> u64;
-    /// Whether it is draining.
-    fn is_stopping(&self) -> bool;
     /// Whether `/healthz` answers 503 (`--unhealthy`).
     fn unhealthy(&self) -> bool;
     /// Routes of this server beyond `/` and `/slow`; `None`: not found.
@@ -146,14 +142,13 @@ pub trait App: Send + Sync + 'static {
 }
 
 /// The handler: `/` answers `pid=<pid> generation=<n>`, `/slow?ms=N` the same after N ms,
-/// `/healthz` 200 (503 with `--unhealthy`), then the server's own routes, else 404. While draining, HTTP/1 responses carry
-/// `Connection: close`.
+/// `/healthz` 200 (503 with `--unhealthy`), then the server's own routes, else 404.
 pub async fn respond<A: App>(
     req: Request<Incoming>,
     app: Arc<A>,
 ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
     let body = format!("pid={} generation={}", app.pid(), app.generation());
-    let mut response = match req.uri().path() {
+    let response = match req.uri().path() {
         "/" => Response::new(Full::new(Bytes::from(body))),
         "/healthz" if app.unhealthy() => status(StatusCode::SERVICE_UNAVAILABLE, "unhealthy\n"),
         "/healthz" => status(StatusCode::OK, "ok\n"),
@@ -176,14 +171,6 @@ pub async fn respond<A: App>(
             None => status(StatusCode::NOT_FOUND, "not found\n"),
         },
     };
-    // While draining, ask HTTP/1 clients to reconnect (to the new generation)
-    // after this response, instead of closing a connection they may be
-    // sending on.
-    if app.is_stopping() && req.version() <= Version::HTTP_11 {
-        response
-            .headers_mut()
-            .insert(CONNECTION, HeaderValue::from_static("close"));
-    }
     Ok(response)
 }
 

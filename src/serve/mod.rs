@@ -1,0 +1,330 @@
+//! Serving HTTP on a handover [`Listener`](crate::Listener) without losing a
+//! request across upgrades: [`hyper`] for a hyper service, [`axum()`] for an
+//! axum `Router` (features `hyper`, `axum`, `websocket`).
+//!
+//! ```no_run
+//! # #[cfg(feature = "axum")]
+//! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+//! use axum::{routing::get, Router};
+//! use handover::{Handover, Options};
+//!
+//! let app = Router::new().route("/", get(|| async { "hello\n" }));
+//! let handover = Handover::new(Options::default())?;
+//! let listener = handover.tcp("http", "127.0.0.1:8080".parse()?)?;
+//! handover.ready()?;
+//! let report = handover::serve::axum(&handover, listener, app).await; // until stopped, drained
+//! # let _ = report;
+//! # Ok(()) }
+//! ```
+//!
+//! [`Serve`] does what a server must do for an upgrade to lose nothing:
+//!
+//! - **Accept loop**: [`Listener::accept`](crate::Listener::accept), so it
+//!   pauses while a new generation is on probation (parked), resumes on a
+//!   rollback, and ends once the generation stops. An accept error such as
+//!   `EMFILE` leaves the connection queued: the loop backs off (5 ms, doubling
+//!   up to 200 ms) and logs one line when an episode starts and one when it
+//!   ends, not one per attempt.
+//! - **Connection tracking**: each connection is in-flight work of the drain
+//!   ([`Watch::guard`](crate::Watch::guard)) for as long as its socket is open,
+//!   also after an HTTP upgrade (a WebSocket).
+//! - **HTTP/1**: while the generation winds down (parked or stopping), each
+//!   response carries `Connection: close`, so that clients reconnect, to the
+//!   generation that accepts, between two requests; a connection still open
+//!   after the idle grace ([`Serve::idle_grace`], 500 ms) is closed by hyper's
+//!   graceful shutdown, which never cuts a request it is reading or answering.
+//! - **HTTP/2**: the same graceful shutdown sends GOAWAY, and the requests in
+//!   flight complete.
+//! - **The drain cap**: once the accept loop ends, [`Serve`] drains
+//!   ([`Handover::drain`]) and resolves to the [`DrainReport`]: what was still
+//!   open at the drain timeout (a WebSocket, an endless stream) is counted in
+//!   [`DrainReport::cut`], logged, and cut when the process exits.
+//! - **Long-lived connections**: every request carries a [`Stopping`] (an
+//!   axum extractor, or a request extension for hyper) whose
+//!   [`stopped`](Stopping::stopped) resolves when the generation stops, so that
+//!   an SSE or streaming handler can end its stream. A WebSocket received
+//!   through [`Stopping::recv`] (feature `websocket`) is closed with 1001
+//!   "going away" when the generation stops if the app asked for it with
+//!   [`Serve::websocket_going_away`]; the client then reconnects to the new
+//!   generation. Without it, a WebSocket stays on the old generation until it
+//!   ends or the drain cap cuts it.
+
+mod accept;
+#[cfg(feature = "axum")]
+mod axum;
+mod connection;
+
+use std::future::{Future, IntoFuture};
+use std::io;
+use std::pin::Pin;
+use std::time::Duration;
+
+use hyper::body::{Body, Incoming};
+use hyper::service::Service;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioExecutor;
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::{info, warn};
+
+use crate::{DrainReport, Handover, Listener, Stop, Watch};
+
+#[cfg(feature = "axum")]
+pub use self::axum::axum;
+
+/// How long a connection may stay open once its generation winds down before
+/// it is closed gracefully; see [`Serve::idle_grace`].
+pub const DEFAULT_IDLE_GRACE: Duration = Duration::from_millis(500);
+
+/// Serves the hyper `service` on `listener` until this generation stops,
+/// then drains; see the [module docs](self). Await it (or
+/// [`tokio::spawn`] it): it resolves to the [`DrainReport`], after which the
+/// app returns from `main`.
+///
+/// The service is cloned for each connection. Each request carries a
+/// [`Stopping`] in its extensions.
+pub fn hyper<L, S, B>(handover: &Handover, listener: Listener<L>, service: S) -> Serve<L, S>
+where
+    L: Accepts,
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Sync + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    Serve {
+        handover: handover.clone(),
+        listener,
+        service,
+        idle_grace: DEFAULT_IDLE_GRACE,
+        websocket_going_away: false,
+        builder: auto::Builder::new(TokioExecutor::new()),
+    }
+}
+
+/// A server that runs until its generation stops and then drains; made by
+/// [`hyper`] or [`axum()`]; await it.
+#[must_use = "a Serve does nothing until it is awaited"]
+pub struct Serve<L, S> {
+    handover: Handover,
+    listener: Listener<L>,
+    service: S,
+    idle_grace: Duration,
+    websocket_going_away: bool,
+    builder: auto::Builder<TokioExecutor>,
+}
+
+impl<L, S> std::fmt::Debug for Serve<L, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Serve")
+            .field("idle_grace", &self.idle_grace)
+            .field("websocket_going_away", &self.websocket_going_away)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<L, S> Serve<L, S> {
+    /// How long a connection may stay open once this generation winds down
+    /// (parked or stopping) before hyper's graceful shutdown closes it
+    /// (default [`DEFAULT_IDLE_GRACE`], 500 ms). Meanwhile each HTTP/1
+    /// response says `Connection: close`, so a busy client reconnects after its
+    /// next response; the grace is for an idle one, which might be sending a
+    /// request right now: closing at once would lose that request.
+    pub fn idle_grace(mut self, grace: Duration) -> Self {
+        self.idle_grace = grace;
+        self
+    }
+
+    /// Whether a WebSocket that the app receives with [`Stopping::recv`] is
+    /// closed with 1001 "going away" when this generation stops, so that its
+    /// client reconnects to the new generation (default `false`: it stays on
+    /// this generation until it ends or the drain cap cuts it).
+    pub fn websocket_going_away(mut self, on: bool) -> Self {
+        self.websocket_going_away = on;
+        self
+    }
+
+    /// Configures hyper's connection builder (HTTP/1 and HTTP/2 settings,
+    /// `http1_only`...).
+    pub fn http(mut self, configure: impl FnOnce(&mut auto::Builder<TokioExecutor>)) -> Self {
+        configure(&mut self.builder);
+        self
+    }
+}
+
+impl<L, S, B> IntoFuture for Serve<L, S>
+where
+    L: Accepts,
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Sync + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Output = DrainReport;
+    type IntoFuture = Pin<Box<dyn Future<Output = DrainReport> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.run())
+    }
+}
+
+impl<L, S, B> Serve<L, S>
+where
+    L: Accepts,
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Sync + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    async fn run(self) -> DrainReport {
+        let Serve {
+            handover,
+            listener,
+            service,
+            idle_grace,
+            websocket_going_away,
+            builder,
+        } = self;
+        let watch = handover.watch();
+        let stopping = Stopping {
+            watch: watch.clone(),
+            websocket_going_away,
+        };
+        let mut backoff = accept::Backoff::default();
+        // Ends once this generation stops; waits while it is parked.
+        while let Some(accepted) = L::next(&listener).await {
+            match accepted {
+                Ok(io) => {
+                    backoff.succeeded();
+                    let conn = connection::serve(
+                        io,
+                        service.clone(),
+                        builder.clone(),
+                        stopping.clone(),
+                        idle_grace,
+                    );
+                    tokio::spawn(conn);
+                }
+                Err(e) => {
+                    if let Some(delay) = backoff.failed(&e) {
+                        tokio::time::sleep(delay).await;
+                    }
+                }
+            }
+        }
+        let stop = handover.stopping().await;
+        info!(?stop, "serve: no longer accepting");
+        // The socket stays open in the new generation (and in the Handover).
+        drop(listener);
+        let report = handover.drain().await;
+        if report.cut > 0 {
+            warn!(
+                cut = report.cut,
+                in_flight_at_start = report.in_flight_at_start,
+                "serve: {} connection(s) still open at the drain timeout (WebSockets, \
+                 streams, slow requests) are cut",
+                report.cut
+            );
+        }
+        report
+    }
+}
+
+/// A listener [`Serve`] can accept on: a [`Listener`] of a Tokio
+/// `TcpListener` (its connections get `TCP_NODELAY`) or `UnixListener`.
+pub trait Accepts: private::Sealed + Sized + Send + Sync + 'static {
+    /// An accepted connection.
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+
+    /// The next connection, `None` once the generation stops.
+    fn next(listener: &Listener<Self>)
+        -> impl Future<Output = Option<io::Result<Self::Io>>> + Send;
+}
+
+impl Accepts for tokio::net::TcpListener {
+    type Io = tokio::net::TcpStream;
+
+    async fn next(listener: &Listener<Self>) -> Option<io::Result<Self::Io>> {
+        let accepted = listener.accept().await?;
+        Some(accepted.map(|(stream, _)| {
+            // Responses are written whole; do not let Nagle hold them back.
+            if let Err(e) = stream.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+            stream
+        }))
+    }
+}
+
+impl Accepts for tokio::net::UnixListener {
+    type Io = tokio::net::UnixStream;
+
+    async fn next(listener: &Listener<Self>) -> Option<io::Result<Self::Io>> {
+        let accepted = listener.accept().await?;
+        Some(accepted.map(|(stream, _)| stream))
+    }
+}
+
+mod private {
+    pub trait Sealed {}
+    impl Sealed for tokio::net::TcpListener {}
+    impl Sealed for tokio::net::UnixListener {}
+}
+
+/// The stop signal as a request handler sees it: in the extensions of every
+/// request that [`Serve`] passes on (and an axum extractor).
+///
+/// A handler of a long-lived response (SSE, a stream, a WebSocket) awaits
+/// [`stopped`](Stopping::stopped) to end it when the generation stops, so
+/// that the client reconnects to the new generation instead of being cut at
+/// the drain cap.
+#[derive(Clone)]
+pub struct Stopping {
+    watch: Watch,
+    websocket_going_away: bool,
+}
+
+impl std::fmt::Debug for Stopping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stopping")
+            .field("stopping", &self.is_stopping())
+            .field("websocket_going_away", &self.websocket_going_away)
+            .finish()
+    }
+}
+
+impl Stopping {
+    /// Whether this generation has been told to stop for good.
+    pub fn is_stopping(&self) -> bool {
+        self.watch.is_stopping()
+    }
+
+    /// Whether connections wind down: the generation is stopping, or parked
+    /// while a new one is on probation (HTTP/1 responses then say
+    /// `Connection: close`).
+    pub fn is_winding_down(&self) -> bool {
+        self.watch.is_winding_down()
+    }
+
+    /// Resolves when this generation stops for good (replaced by a new one, or
+    /// a final stop), with the reason. Cancel-safe.
+    pub async fn stopped(&self) -> Stop {
+        self.watch.stopping().await
+    }
+
+    /// Whether the app asked for WebSockets to be closed with 1001 "going
+    /// away" at the stop ([`Serve::websocket_going_away`]).
+    pub fn websocket_going_away(&self) -> bool {
+        self.websocket_going_away
+    }
+
+    /// The [`Watch`] of this generation.
+    pub fn watch(&self) -> &Watch {
+        &self.watch
+    }
+}
