@@ -17,6 +17,7 @@
 //! `--health-threshold N`, and `--websocket-going-away`: when this generation stops, each
 //! WebSocket gets a close frame 1001 "going away" (its client reconnects to the new
 //! generation); without it a WebSocket stays until it ends or the drain timeout cuts it.
+//! The `101` answer of `GET /ws` carries `x-generation: <n>`.
 
 #[path = "shared/app.rs"]
 #[allow(dead_code)] // the hyper handler is not used here, only the flags and the ready line
@@ -27,6 +28,7 @@ mod axum_app;
 mod probation;
 
 use axum::extract::ws::WebSocketUpgrade;
+use axum::http::HeaderValue;
 use axum::response::Response;
 use axum::routing::get;
 use handover::serve::Stopping;
@@ -90,7 +92,11 @@ async fn serve(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         generation: handover.generation(),
         unhealthy: args.common.unhealthy,
     };
-    let app = axum_app::routes(info).route("/ws", get(echo));
+    let generation = info.generation;
+    let app = axum_app::routes(info).route(
+        "/ws",
+        get(move |upgrade, stopping| echo(upgrade, stopping, generation)),
+    );
     if args.common.never_ready {
         tracing::warn!("--never-ready: serving without ever saying ready");
     } else {
@@ -106,13 +112,18 @@ async fn serve(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// `GET /ws`: echoes every message until the client closes, or, with
-/// `--websocket-going-away`, until this generation stops (close frame 1001).
-async fn echo(upgrade: WebSocketUpgrade, stopping: Stopping) -> Response {
-    upgrade.on_upgrade(move |mut socket| async move {
+/// `--websocket-going-away`, until this generation stops (close frame 1001). The `101`
+/// response says which generation the socket is on (`x-generation`).
+async fn echo(upgrade: WebSocketUpgrade, stopping: Stopping, generation: u64) -> Response {
+    let mut response = upgrade.on_upgrade(move |mut socket| async move {
         while let Some(Ok(message)) = stopping.recv(&mut socket).await {
             if socket.send(message).await.is_err() {
                 break;
             }
         }
-    })
+    });
+    response
+        .headers_mut()
+        .insert("x-generation", HeaderValue::from(generation));
+    response
 }
