@@ -17,7 +17,8 @@
 //! `--health-threshold N`, and `--websocket-going-away`: when this generation stops, each
 //! WebSocket gets a close frame 1001 "going away" (its client reconnects to the new
 //! generation); without it a WebSocket stays until it ends or the drain timeout cuts it.
-//! The `101` answer of `GET /ws` carries `x-generation: <n>`.
+//! The `101` answer of `GET /ws` carries `x-generation: <n>`. `--idle-grace-ms N` sets
+//! `Serve::idle_grace` (500).
 
 #[path = "shared/app.rs"]
 #[allow(dead_code)] // the hyper handler is not used here, only the flags and the ready line
@@ -38,11 +39,13 @@ struct Args {
     common: app::CommonArgs,
     options: Options,
     websocket_going_away: bool,
+    idle_grace: Option<std::time::Duration>,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut options = Options::default();
     let mut websocket_going_away = false;
+    let mut idle_grace = None;
     let common = app::parse_args(|flag, value| {
         if let Some(with_probation) = probation::flag(&options, flag, value)? {
             options = with_probation;
@@ -55,6 +58,10 @@ fn parse_args() -> Result<Args, String> {
                 websocket_going_away = true;
                 return Ok(true);
             }
+            "--idle-grace-ms" => {
+                idle_grace = Some(value.ms()?);
+                return Ok(true);
+            }
             _ => return Ok(false),
         };
         Ok(true)
@@ -64,6 +71,7 @@ fn parse_args() -> Result<Args, String> {
         common,
         options,
         websocket_going_away,
+        idle_grace,
     })
 }
 
@@ -104,9 +112,12 @@ async fn serve(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         app::print_ready(info.pid, info.generation, addr)?;
         app::crash_after_ready(args.common.crash_after_ready);
     }
-    let report = handover::serve::axum(&handover, listener, app)
-        .websocket_going_away(args.websocket_going_away)
-        .await;
+    let mut serve = handover::serve::axum(&handover, listener, app)
+        .websocket_going_away(args.websocket_going_away);
+    if let Some(grace) = args.idle_grace {
+        serve = serve.idle_grace(grace);
+    }
+    let report = serve.await;
     tracing::info!(?report, "exiting");
     Ok(())
 }
