@@ -1,6 +1,6 @@
-//! Serving HTTP on a handover [`Listener`](crate::Listener) without losing a
-//! request across upgrades: [`hyper`] for a hyper service, [`axum()`] for an
-//! axum `Router` (features `hyper`, `axum`, `websocket`).
+//! Serving HTTP on a handover [`Listener`] without losing a request across
+//! upgrades: [`hyper()`] for a hyper service, `axum()` for an axum `Router`
+//! (features `hyper`, `axum`, `websocket`).
 //!
 //! ```no_run
 //! # #[cfg(feature = "axum")]
@@ -43,7 +43,7 @@
 //!   axum extractor, or a request extension for hyper) whose
 //!   [`stopped`](Stopping::stopped) resolves when the generation stops, so that
 //!   an SSE or streaming handler can end its stream. A WebSocket received
-//!   through [`Stopping::recv`] (feature `websocket`) is closed with 1001
+//!   through `Stopping::recv` (feature `websocket`) is closed with 1001
 //!   "going away" when the generation stops if the app asked for it with
 //!   [`Serve::websocket_going_away`]; the client then reconnects to the new
 //!   generation. Without it, a WebSocket stays on the old generation until it
@@ -104,7 +104,7 @@ where
 }
 
 /// A server that runs until its generation stops and then drains; made by
-/// [`hyper`] or [`axum()`]; await it.
+/// [`hyper()`] or `axum()`; await it.
 #[must_use = "a Serve does nothing until it is awaited"]
 pub struct Serve<L, S> {
     handover: Handover,
@@ -136,7 +136,7 @@ impl<L, S> Serve<L, S> {
         self
     }
 
-    /// Whether a WebSocket that the app receives with [`Stopping::recv`] is
+    /// Whether a WebSocket that the app receives with `Stopping::recv` is
     /// closed with 1001 "going away" when this generation stops, so that its
     /// client reconnects to the new generation (default `false`: it stays on
     /// this generation until it ends or the drain cap cuts it).
