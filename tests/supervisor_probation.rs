@@ -833,3 +833,61 @@ fn parked_library_release_crashing_after_ready_is_rolled_back_under_load() {
     c.sv.signal(Signal::SIGTERM);
     assert_eq!(c.sv.wait_exit(T), Exit::Code(0), "{}", c.sv.server.dump());
 }
+
+/// A bash release of `plain_server` that sends sd_notify watchdog messages
+/// with `systemd-notify` from a helper loop beside it: `pings` is what the
+/// loop does (its own timing is the release's behaviour, not the test's).
+fn watchdog_release(path: &Path, pings: &str) {
+    let tmp = path.with_extension("new");
+    let body = format!(
+        "#!/bin/bash\n( {pings} ) &\nexec -a \"$0\" '{}' \"$@\"\n",
+        plain_server().display()
+    );
+    std::fs::write(&tmp, body).expect("write the release");
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::rename(&tmp, path).expect("rename the release into place");
+}
+
+#[test]
+fn the_watchdog_promotes_a_release_that_keeps_pinging_and_rolls_back_the_others() {
+    if !Path::new("/usr/bin/systemd-notify").exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "skipping: no systemd-notify (in CI)"
+        );
+        eprintln!("skipping: no systemd-notify");
+        return;
+    }
+    let c = canary("watchdog", "2s", &["--watchdog", "600ms"]);
+    let pinging = "while sleep 0.1; do systemd-notify WATCHDOG=1; done";
+    watchdog_release(&c.app, pinging);
+    let gen1 = c.sv.server.wait_ready(1);
+    // Keeps pinging: promoted.
+    watchdog_release(&c.app, pinging);
+    let out = c.sv.upgrade();
+    assert_eq!(out.code, Some(0), "{out:?}\n{}", c.sv.server.dump());
+    let gen2 = c.sv.server.wait_ready(2);
+    // Stops pinging after a few keep-alives: rolled back for the missed one.
+    watchdog_release(
+        &c.app,
+        "for i in 1 2 3; do sleep 0.1; systemd-notify WATCHDOG=1; done; sleep 30",
+    );
+    let out = c.sv.upgrade();
+    assert_eq!(out.code, Some(1), "{out:?}\n{}", c.sv.server.dump());
+    assert!(
+        out.stdout.contains("no WATCHDOG=1 within 600ms"),
+        "the reason names the watchdog: {out:?}"
+    );
+    // Asks for it: WATCHDOG=trigger fails the probation at once.
+    watchdog_release(
+        &c.app,
+        "sleep 0.3; systemd-notify WATCHDOG=trigger; sleep 30",
+    );
+    let out = c.sv.upgrade();
+    assert_eq!(out.code, Some(1), "{out:?}\n{}", c.sv.server.dump());
+    assert!(out.stdout.contains("WATCHDOG=trigger"), "{out:?}");
+    let body = get(gen1.addr, "/", T)
+        .expect("generation 2 serves")
+        .body_str();
+    assert_eq!(body, format!("pid={} generation=2", gen2.pid));
+}
