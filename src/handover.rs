@@ -34,6 +34,8 @@ pub(crate) struct Inner {
     control: Option<Arc<OwnedFd>>,
     /// The app state the previous generation handed over, until taken.
     state: Mutex<Option<OwnedFd>>,
+    /// The probation this generation is on once ready (library mode), ms.
+    probation_ms: u64,
     /// A previous generation of this app started us (rather than systemd,
     /// the supervisor, or nobody): the sockets we inherited are ours.
     from_previous_generation: bool,
@@ -247,6 +249,7 @@ impl Handover {
                 from_previous_generation: control.is_some() && parsed.supervisor.is_none(),
                 control: control.map(Arc::new),
                 state: Mutex::new(state),
+                probation_ms: parsed.probation_ms,
                 registry: Mutex::new(Registry::new(inherited)),
                 executable,
                 argv,
@@ -475,7 +478,7 @@ impl Handover {
         // logged, since returning one could make the app exit with nobody
         // left to serve.
         self.write_pid_file();
-        if self.inner.from_previous_generation {
+        if self.inner.from_previous_generation && self.inner.probation_ms > 0 {
             // Current only once the previous generation promotes us.
             self.inner.lifecycle.set_on_probation(true);
         }

@@ -12,6 +12,7 @@
 //! | `HANDOVER_GENERATION=<n>` | generation number, 1 for the first process |
 //! | `HANDOVER_SUPERVISOR=<pid>` | set by `handover run`: the supervisor owns upgrades |
 //! | `HANDOVER_PROCESS_GROUP=<pgid>` | the group a new generation joins once it is current (it starts in a group of its own) |
+//! | `HANDOVER_PROBATION_MS=<ms>` | the probation the new generation will be on once ready (it refuses to upgrade until promoted) |
 //! | `HANDOVER_STATE_FD=<fd>` | a sealed memfd with the app state the previous generation handed over |
 //! | `HANDOVER_PREVIOUS=<pid>.<start>:...` | earlier generations that may still be draining (pid and start time) |
 //! | `NOTIFY_SOCKET=<path>` | sd_notify datagram socket (`READY=1`, `MAINPID=`, `STOPPING=1`) |
@@ -45,10 +46,12 @@ pub const PROCESS_GROUP: &str = "HANDOVER_PROCESS_GROUP";
 pub const PREVIOUS: &str = "HANDOVER_PREVIOUS";
 /// `HANDOVER_STATE_FD`.
 pub const STATE_FD: &str = "HANDOVER_STATE_FD";
+/// `HANDOVER_PROBATION_MS`.
+pub const PROBATION_MS: &str = "HANDOVER_PROBATION_MS";
 
 /// Every variable of the protocol: removed from what the app's own children
 /// inherit, and set afresh for each new generation.
-pub const VARIABLES: [&str; 10] = [
+pub const VARIABLES: [&str; 11] = [
     LISTEN_FDS,
     LISTEN_FDNAMES,
     LISTEN_PID,
@@ -59,6 +62,7 @@ pub const VARIABLES: [&str; 10] = [
     PROCESS_GROUP,
     PREVIOUS,
     STATE_FD,
+    PROBATION_MS,
 ];
 
 /// The first passed fd, by systemd's convention.
@@ -91,6 +95,8 @@ pub struct Parsed {
     pub previous: Vec<Process>,
     /// The memfd with the state the previous generation handed over.
     pub state_fd: Option<RawFd>,
+    /// The probation this generation will be on once ready, in ms.
+    pub probation_ms: u64,
 }
 
 /// A process named by pid and start time (`/proc/<pid>/stat` field 22, in
@@ -241,6 +247,9 @@ pub fn parse(env: &HashMap<String, String>, own_pid: i32) -> Result<Parsed> {
         }
         parsed.state_fd = Some(fd);
     }
+    if let Some(text) = get(PROBATION_MS) {
+        parsed.probation_ms = number(PROBATION_MS, text)?;
+    }
     if let Some(text) = get(PROCESS_GROUP) {
         let pgid: i32 = number(PROCESS_GROUP, text)?;
         if pgid <= 1 {
@@ -291,6 +300,8 @@ pub struct Handoff<'a> {
     pub previous: &'a [Process],
     /// Where the state memfd lands in the child.
     pub state_fd: Option<RawFd>,
+    /// The probation the child will be on once ready, in ms (0: none).
+    pub probation_ms: u64,
 }
 
 impl Handoff<'_> {
@@ -315,6 +326,9 @@ impl Handoff<'_> {
         }
         if let Some(fd) = self.state_fd {
             vars.push((STATE_FD, fd.to_string()));
+        }
+        if self.probation_ms > 0 {
+            vars.push((PROBATION_MS, self.probation_ms.to_string()));
         }
         if !self.previous.is_empty() {
             let list: Vec<String> = self
@@ -366,6 +380,7 @@ mod tests {
             notify_socket: Some("/run/notify"),
             process_group: Some(77),
             state_fd: Some(6),
+            probation_ms: 1500,
             previous: &[
                 Process {
                     pid: 10,
@@ -393,6 +408,7 @@ mod tests {
         assert_eq!(parsed.notify_socket.as_deref(), Some("/run/notify"));
         assert_eq!(parsed.process_group, Some(77));
         assert_eq!(parsed.state_fd, Some(6));
+        assert_eq!(parsed.probation_ms, 1500);
         assert_eq!(parsed.previous, handoff.previous);
     }
 

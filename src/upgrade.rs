@@ -224,6 +224,7 @@ impl Handover {
                 state_fd: state
                     .as_ref()
                     .map(|_| protocol::FIRST_FD + fds.len() as i32 + 1),
+                probation_ms: inner.options.probation.as_millis() as u64,
                 generation: inner.generation.saturating_add(1),
                 supervisor: None,
                 notify_socket: inner.notify_socket.as_deref(),
