@@ -100,7 +100,7 @@ Options:
 
 Durations: 500ms, 30s, 2m, 1h. Signals: TERM, SIGTERM or 15.
 Logs go to stderr, one line per event; HANDOVER_LOG=error|warn|info|debug|trace
-(default info).
+(default info); HANDOVER_LOG_FORMAT=json writes each as one JSON object.
 ";
 
 /// Help of `handover upgrade`.

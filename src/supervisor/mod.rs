@@ -10,6 +10,7 @@ mod cli;
 mod control;
 mod error;
 mod log;
+mod log_json;
 mod metrics;
 mod signals;
 mod spawn;
