@@ -35,12 +35,7 @@ const UPGRADES: u64 = 20;
 
 /// `handover run` options and the app, as the container's arguments.
 fn args<'a>(options: &[&'a str], app: &[&'a str]) -> Vec<&'a str> {
-    let mut all = vec![
-        "--listen",
-        "tcp://0.0.0.0:8080",
-        "--admin",
-        "0.0.0.0:9090",
-    ];
+    let mut all = vec!["--listen", "tcp://0.0.0.0:8080", "--admin", "0.0.0.0:9090"];
     all.extend_from_slice(options);
     all.push("--");
     all.extend_from_slice(app);
@@ -73,20 +68,28 @@ fn docker_20_sighup_upgrades_under_load_lose_nothing_and_metrics_count_them() {
     wait_ready(&c);
     let (app, admin) = (c.addr(8080), c.addr(9090));
     let keep_alive = Load::start(
-        LoadConfig::new(app, Mode::KeepAlive { connections: 4 }).max_duration(Duration::from_secs(180)),
+        LoadConfig::new(app, Mode::KeepAlive { connections: 4 })
+            .max_duration(Duration::from_secs(180)),
     );
     let per_request = Load::start(
-        LoadConfig::new(app, Mode::PerRequest { concurrency: 2 }).max_duration(Duration::from_secs(180)),
+        LoadConfig::new(app, Mode::PerRequest { concurrency: 2 })
+            .max_duration(Duration::from_secs(180)),
     );
-    keep_alive.wait_for_ok(50, T).expect("keep-alive load flowing");
-    per_request.wait_for_ok(20, T).expect("per-request load flowing");
+    keep_alive
+        .wait_for_ok(50, T)
+        .expect("keep-alive load flowing");
+    per_request
+        .wait_for_ok(20, T)
+        .expect("per-request load flowing");
     let started = Instant::now();
     for generation in 2..=UPGRADES + 1 {
         c.kill("HUP");
         let suffix = format!(" generation={generation}");
         for load in [&keep_alive, &per_request] {
             load.wait_for_body(|b| b.ends_with(&suffix), T)
-                .unwrap_or_else(|e| panic!("traffic did not move to {generation}: {e}\n{}", c.dump()));
+                .unwrap_or_else(|e| {
+                    panic!("traffic did not move to {generation}: {e}\n{}", c.dump())
+                });
         }
         keep_alive.wait_for_more_ok(30, T).expect("load flowing");
     }
@@ -180,7 +183,10 @@ fn docker_exec_handover_upgrade_exits_0_for_a_good_release_and_1_for_a_broken_on
     let good = "exec /app/http_server --listen 0.0.0.0:8080";
     deploy(&release, Deploy::Script(good));
     let volume = format!("{}:/releases:ro", dir.path().display());
-    let c = Container::run(&["-v", &volume], &args(&["--drain-timeout", "10s"], &["/releases/app"]));
+    let c = Container::run(
+        &["-v", &volume],
+        &args(&["--drain-timeout", "10s"], &["/releases/app"]),
+    );
     wait_ready(&c);
     let load = Load::start(
         LoadConfig::new(c.addr(8080), Mode::KeepAlive { connections: 2 })
@@ -191,7 +197,8 @@ fn docker_exec_handover_upgrade_exits_0_for_a_good_release_and_1_for_a_broken_on
     let out = c.exec(&["handover", "upgrade", "--timeout", "30s"]);
     assert_eq!(out.code, Some(0), "good release: {out:?}\n{}", c.dump());
     assert!(out.stdout.contains("ok: generation 2"), "{out:?}");
-    load.wait_for_body(|b| b.ends_with(" generation=2"), T).unwrap();
+    load.wait_for_body(|b| b.ends_with(" generation=2"), T)
+        .unwrap();
 
     deploy(
         &release,
@@ -204,13 +211,19 @@ fn docker_exec_handover_upgrade_exits_0_for_a_good_release_and_1_for_a_broken_on
         "{out:?}"
     );
     assert!(out.stdout.contains("generation 2 (pid"), "{out:?}");
-    load.wait_for_more_ok(20, T).expect("generation 2 still serving");
-    assert!(load.snapshot().ok_matching(|b| b.ends_with(" generation=3")) == 0);
+    load.wait_for_more_ok(20, T)
+        .expect("generation 2 still serving");
+    assert!(
+        load.snapshot()
+            .ok_matching(|b| b.ends_with(" generation=3"))
+            == 0
+    );
 
     deploy(&release, Deploy::Script(good));
     let out = c.exec(&["handover", "upgrade", "--timeout", "30s"]);
     assert_eq!(out.code, Some(0), "good again: {out:?}\n{}", c.dump());
-    load.wait_for_body(|b| b.ends_with(" generation=4"), T).unwrap();
+    load.wait_for_body(|b| b.ends_with(" generation=4"), T)
+        .unwrap();
     let status = c.exec(&["handover", "status"]);
     assert!(
         status.stdout.contains("upgrades: 2 succeeded, 1 failed"),
@@ -222,10 +235,15 @@ fn docker_exec_handover_upgrade_exits_0_for_a_good_release_and_1_for_a_broken_on
 }
 
 /// Sends `GET /slow?ms=N` on a new connection now, and reads the answer on a thread.
-fn slow_request(addr: std::net::SocketAddr, ms: u64) -> std::thread::JoinHandle<Result<u16, String>> {
+fn slow_request(
+    addr: std::net::SocketAddr,
+    ms: u64,
+) -> std::thread::JoinHandle<Result<u16, String>> {
     let mut s = TcpStream::connect(addr).expect("connect for a slow request");
-    s.write_all(format!("GET /slow?ms={ms} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .expect("send a slow request");
+    s.write_all(
+        format!("GET /slow?ms={ms} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .expect("send a slow request");
     std::thread::spawn(move || {
         s.set_read_timeout(Some(T)).map_err(|e| e.to_string())?;
         let mut raw = String::new();
@@ -249,10 +267,12 @@ fn docker_stop_under_load_with_a_shutdown_delay_completes_every_request_sent_bef
     wait_ready(&c);
     let (app, admin) = (c.addr(8080), c.addr(9090));
     let keep_alive = Load::start(
-        LoadConfig::new(app, Mode::KeepAlive { connections: 4 }).max_duration(Duration::from_secs(60)),
+        LoadConfig::new(app, Mode::KeepAlive { connections: 4 })
+            .max_duration(Duration::from_secs(60)),
     );
     let per_request = Load::start(
-        LoadConfig::new(app, Mode::PerRequest { concurrency: 2 }).max_duration(Duration::from_secs(60)),
+        LoadConfig::new(app, Mode::PerRequest { concurrency: 2 })
+            .max_duration(Duration::from_secs(60)),
     );
     keep_alive.wait_for_ok(50, T).expect("load flowing");
     per_request.wait_for_ok(20, T).expect("load flowing");
@@ -262,20 +282,33 @@ fn docker_stop_under_load_with_a_shutdown_delay_completes_every_request_sent_bef
     let started = Instant::now();
     let stop = std::thread::spawn(move || docker_kit::docker(&["stop", "-t", "30", &name]));
     // A load balancer stops sending once /readyz says 503; so does this load.
-    wait_for("/readyz 503 after docker stop", T, || match status_of(admin, "/readyz") {
-        503 => Ok(()),
-        other => Err(format!("{other}")),
+    wait_for("/readyz 503 after docker stop", T, || {
+        match status_of(admin, "/readyz") {
+            503 => Ok(()),
+            other => Err(format!("{other}")),
+        }
     })
     .unwrap();
     let flipped = started.elapsed();
     // A load balancer that is slow to notice keeps sending during the shutdown delay: those
     // requests are served too.
-    keep_alive.wait_for_more_ok(300, T).expect("served during the delay");
-    per_request.wait_for_more_ok(50, T).expect("served during the delay");
-    assert!(!stop.is_finished(), "the container stopped before the delay ended");
+    keep_alive
+        .wait_for_more_ok(300, T)
+        .expect("served during the delay");
+    per_request
+        .wait_for_more_ok(50, T)
+        .expect("served during the delay");
+    assert!(
+        !stop.is_finished(),
+        "the container stopped before the delay ended"
+    );
     let (keep_alive, per_request) = (keep_alive.stop(), per_request.stop());
     for s in slow {
-        assert_eq!(s.join().unwrap(), Ok(200), "a slow request sent before the stop");
+        assert_eq!(
+            s.join().unwrap(),
+            Ok(200),
+            "a slow request sent before the stop"
+        );
     }
     let stop = stop.join().unwrap();
     assert_eq!(stop.code, Some(0), "{stop:?}");
@@ -286,7 +319,10 @@ fn docker_stop_under_load_with_a_shutdown_delay_completes_every_request_sent_bef
     );
     keep_alive.assert_no_failures();
     per_request.assert_no_failures();
-    assert!(stopped >= Duration::from_secs(2), "the shutdown delay was skipped");
+    assert!(
+        stopped >= Duration::from_secs(2),
+        "the shutdown delay was skipped"
+    );
     assert_eq!(c.wait(), 0, "exit code of a drained app\n{}", c.dump());
 }
 
@@ -314,7 +350,11 @@ fn docker_readyz_is_503_right_after_sigterm_and_through_the_shutdown_delay() {
     assert_eq!(first, 503, "/readyz right after SIGTERM");
     assert!(first_after <= Duration::from_millis(10), "{first_after:?}");
     let check = c.exec(&["handover", "status", "--check"]);
-    assert_eq!(check.code, Some(1), "status --check during the delay: {check:?}");
+    assert_eq!(
+        check.code,
+        Some(1),
+        "status --check during the delay: {check:?}"
+    );
     // 503 on every poll until the listener goes with the container; meanwhile the app
     // serves; the delay lasts.
     let mut polls = 0;
@@ -388,7 +428,11 @@ fn zombies_in_ps(c: &Container) -> Vec<String> {
     out.stdout
         .lines()
         .skip(1)
-        .filter(|l| l.split_whitespace().nth(1).is_some_and(|s| s.starts_with('Z')))
+        .filter(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .is_some_and(|s| s.starts_with('Z'))
+        })
         .map(str::to_owned)
         .collect()
 }
@@ -406,7 +450,11 @@ fn docker_orphans_are_reaped_with_a_negative_control() {
     wait_ready(&c);
     assert_eq!(orphan_fate(&c), Ok("reaped"), "{:?}", c.top());
     assert_eq!(zombies_in_top(&c), vec![], "zombies in docker top");
-    assert_eq!(zombies_in_ps(&c), Vec::<String>::new(), "zombies in the container");
+    assert_eq!(
+        zombies_in_ps(&c),
+        Vec::<String>::new(),
+        "zombies in the container"
+    );
     // The same under a supervisor that does not reap orphans: the test sees the zombie in
     // the container's /proc and `ps`.
     let bad = Container::run(&[], &args(&["--debug-no-reap"], &["/bin/sh", "-c", app]));
@@ -440,7 +488,10 @@ fn docker_healthcheck_goes_healthy_then_unhealthy_when_the_app_crash_loops() {
         &args(&[], &["/bin/sh", "-c", app]),
     );
     let health = c.inspect("{{json .Config.Healthcheck.Test}}");
-    assert!(health.contains("status") && health.contains("--check"), "{health}");
+    assert!(
+        health.contains("status") && health.contains("--check"),
+        "{health}"
+    );
     wait_for("healthy", T, || match c.health().as_str() {
         "healthy" => Ok(()),
         other => Err(other.to_owned()),
@@ -466,4 +517,226 @@ fn docker_healthcheck_goes_healthy_then_unhealthy_when_the_app_crash_loops() {
     assert!(log.contains("unhealthy: "), "{log}");
     // The supervisor gives up on the crash loop: the container ends with the app's status.
     assert_eq!(c.wait(), 3, "{}", c.dump());
+}
+
+/// Leaves the swarm on drop, if this test made the node join one.
+struct SwarmGuard {
+    joined_here: bool,
+}
+
+impl Drop for SwarmGuard {
+    fn drop(&mut self) {
+        if self.joined_here {
+            let _ = docker_kit::docker(&["swarm", "leave", "--force"]);
+        }
+    }
+}
+
+/// A Swarm service, removed on drop.
+struct ServiceGuard(String);
+
+impl Drop for ServiceGuard {
+    fn drop(&mut self) {
+        let _ = docker_kit::docker(&["service", "rm", &self.0]);
+        // Its containers go asynchronously; wait for them so that the images can go too.
+        let label = format!("label=com.docker.swarm.service.name={}", self.0);
+        let _ = wait_for("the service's containers to be removed", T, || {
+            let out = docker_kit::docker(&["ps", "-aq", "--filter", &label]);
+            if out.stdout.trim().is_empty() {
+                Ok(())
+            } else {
+                Err(out.stdout)
+            }
+        });
+    }
+}
+
+/// `(image, health)` of each running container of `service`.
+fn service_containers(service: &str) -> Vec<(String, String)> {
+    let label = format!("label=com.docker.swarm.service.name={service}");
+    docker_kit::docker_ok(&[
+        "ps",
+        "--filter",
+        &label,
+        "--format",
+        "{{.Image}} {{.Status}}",
+    ])
+    .lines()
+    .map(|l| {
+        let (image, status) = l.split_once(' ').unwrap_or((l, ""));
+        let health = if status.contains("(healthy)") {
+            "healthy"
+        } else if status.contains("(unhealthy)") {
+            "unhealthy"
+        } else {
+            "starting"
+        };
+        (image.to_owned(), health.to_owned())
+    })
+    .collect()
+}
+
+fn wait_service(service: &str, image: &str) {
+    wait_for(
+        format!("2 healthy tasks of {service} on {image}"),
+        Duration::from_secs(90),
+        || {
+            let all = service_containers(service);
+            if all.len() == 2 && all.iter().all(|(i, h)| i == image && h == "healthy") {
+                Ok(())
+            } else {
+                Err(format!("{all:?}"))
+            }
+        },
+    )
+    .unwrap();
+}
+
+#[test]
+fn docker_swarm_start_first_update_and_rollback_of_a_broken_image() {
+    if !available() {
+        return;
+    }
+    let state = docker_kit::docker_ok(&["info", "--format", "{{.Swarm.LocalNodeState}}"]);
+    let mut swarm = SwarmGuard { joined_here: false };
+    if state == "inactive" {
+        let out = docker_kit::docker(&["swarm", "init", "--advertise-addr", "127.0.0.1"]);
+        assert_eq!(out.code, Some(0), "docker swarm init: {out:?}");
+        swarm.joined_here = true;
+    }
+    let v1 = docker_kit::image().to_owned();
+    let v2 = docker_kit::ImageGuard(docker_kit::derived_image("v2", "LABEL release=2", &[]));
+    let broken = docker_kit::ImageGuard(docker_kit::derived_image(
+        "broken",
+        "COPY app /app/http_server",
+        &[(
+            "app",
+            "#!/bin/sh\necho 'this release is broken' >&2\nexit 3\n",
+        )],
+    ));
+    // Swarm publishes on every address of the node (no host IP in --publish); the port is
+    // a free one, for the length of this test.
+    let port = std::net::TcpListener::bind("0.0.0.0:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let name = docker_kit::unique_name("svc");
+    let publish = format!("published={port},target=8080");
+    let mut create = vec![
+        "service",
+        "create",
+        "--detach",
+        "--name",
+        &name,
+        "--replicas",
+        "2",
+        "--publish",
+        &publish,
+        // The image's HEALTHCHECK (handover status --check), checked more often.
+        "--health-interval",
+        "500ms",
+        "--health-retries",
+        "2",
+        "--update-order",
+        "start-first",
+        "--update-failure-action",
+        "rollback",
+        "--update-monitor",
+        "3s",
+        "--rollback-order",
+        "start-first",
+        "--stop-grace-period",
+        "20s",
+        &v1,
+    ];
+    let service_args = args(&["--shutdown-delay", "2s", "--drain-timeout", "10s"], &APP);
+    create.extend_from_slice(&service_args);
+    docker_kit::docker_ok(&create);
+    let _service = ServiceGuard(name.clone());
+    wait_service(&name, &v1);
+
+    // The routing mesh: is the published port served?
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mesh = http_get(addr, "/", Duration::from_secs(2));
+    eprintln!("published port {port} through the routing mesh: {mesh:?}");
+    let load = mesh.is_ok().then(|| {
+        (
+            Load::start(
+                LoadConfig::new(addr, Mode::KeepAlive { connections: 4 })
+                    .max_duration(Duration::from_secs(180)),
+            ),
+            Load::start(
+                LoadConfig::new(addr, Mode::PerRequest { concurrency: 2 })
+                    .max_duration(Duration::from_secs(180)),
+            ),
+        )
+    });
+
+    let started = Instant::now();
+    let out = docker_kit::docker(&[
+        "service",
+        "update",
+        "--detach=false",
+        "--image",
+        &v2.0,
+        &name,
+    ]);
+    assert_eq!(out.code, Some(0), "update to v2: {out:?}");
+    wait_service(&name, &v2.0);
+    let updated = started.elapsed();
+    let state =
+        docker_kit::docker_ok(&["service", "inspect", "-f", "{{.UpdateStatus.State}}", &name]);
+    assert_eq!(state, "completed");
+
+    // A broken image: its tasks never get healthy (the app exits 3), Swarm rolls back.
+    let started = Instant::now();
+    let _ = docker_kit::docker(&[
+        "service",
+        "update",
+        "--detach=false",
+        "--image",
+        &broken.0,
+        &name,
+    ]);
+    wait_for(
+        "Swarm's rollback of the broken image",
+        Duration::from_secs(120),
+        || {
+            let state = docker_kit::docker_ok(&[
+                "service",
+                "inspect",
+                "-f",
+                "{{.UpdateStatus.State}}",
+                &name,
+            ]);
+            (state == "rollback_completed").then_some(()).ok_or(state)
+        },
+    )
+    .unwrap();
+    wait_service(&name, &v2.0);
+    let rolled_back = started.elapsed();
+    let spec = docker_kit::docker_ok(&[
+        "service",
+        "inspect",
+        "-f",
+        "{{.Spec.TaskTemplate.ContainerSpec.Image}}",
+        &name,
+    ]);
+    assert!(spec.starts_with(&v2.0), "{spec}");
+    eprintln!(
+        "swarm: start-first update in {updated:?}, broken image rolled back in {rolled_back:?}"
+    );
+    match load {
+        Some((keep_alive, per_request)) => {
+            let (keep_alive, per_request) = (keep_alive.stop(), per_request.stop());
+            eprintln!("through the mesh:\nkeep-alive: {keep_alive}\nper-request: {per_request}");
+            keep_alive.assert_no_failures();
+            per_request.assert_no_failures();
+        }
+        None => eprintln!(
+            "NO LOAD through the published port: the routing mesh does not serve it here \
+             ({mesh:?}; dockerd logs why, e.g. no IPVS in the kernel)"
+        ),
+    }
 }
