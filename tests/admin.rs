@@ -107,12 +107,19 @@ fn readyz_flips_within_10ms_of_sigterm_and_stays_503_through_the_shutdown_delay(
         assert!(sent.elapsed() < T, "/readyz never flipped to 503");
     };
     eprintln!("/readyz flipped to 503 {flipped:?} after SIGTERM ({polls} polls)");
-    assert!(flipped <= FLIP, "/readyz flipped after {flipped:?} (more than {FLIP:?})");
+    assert!(
+        flipped <= FLIP,
+        "/readyz flipped after {flipped:?} (more than {FLIP:?})"
+    );
 
     // Through the shutdown delay: 503 on every poll, the app still serves, and `status
     // --check` says unhealthy; until the supervisor logs the end of the delay.
     let (code, line) = check(&sv);
-    assert_eq!(code, Some(1), "status --check during the shutdown delay: {line}");
+    assert_eq!(
+        code,
+        Some(1),
+        "status --check during the shutdown delay: {line}"
+    );
     assert!(line.contains("shutting-down"), "{line}");
     let mut served = 0;
     let mut readyz_polls = 0;
@@ -211,12 +218,18 @@ fn metrics_parse_as_prometheus_text_and_count_upgrades_rollbacks_restarts_and_dr
         m.get("handover_rollbacks_total{reason=\"exited_before_ready\"}"),
         1.0
     );
-    assert_eq!(m.get("handover_rollbacks_total{reason=\"ready_timeout\"}"), 0.0);
+    assert_eq!(
+        m.get("handover_rollbacks_total{reason=\"ready_timeout\"}"),
+        0.0
+    );
     assert_eq!(m.get("handover_generation"), 3.0);
     assert!(m.get("handover_generation_start_time_seconds") > started_1);
     assert_eq!(m.get("handover_draining_generations"), 0.0);
     assert_eq!(m.get("handover_time_to_ready_seconds_count"), 3.0);
-    assert_eq!(m.get("handover_time_to_ready_seconds_bucket{le=\"+Inf\"}"), 3.0);
+    assert_eq!(
+        m.get("handover_time_to_ready_seconds_bucket{le=\"+Inf\"}"),
+        3.0
+    );
     assert_eq!(m.get("handover_crash_restarts_total"), 0.0);
     assert_eq!(m.get("handover_ready"), 1.0);
 
@@ -234,7 +247,11 @@ fn metrics_parse_as_prometheus_text_and_count_upgrades_rollbacks_restarts_and_dr
             .ok_or(format!("restarts {restarts} ready {ready}"))
     })
     .unwrap();
-    assert_eq!(m.get("handover_generation"), 5.0, "1, 2, 3, failed 4, restarted 5");
+    assert_eq!(
+        m.get("handover_generation"),
+        5.0,
+        "1, 2, 3, failed 4, restarted 5"
+    );
     assert_eq!(m.get("handover_time_to_ready_seconds_count"), 4.0);
     sv.signal(Signal::SIGTERM);
     let exit = sv.wait_exit(T);

@@ -359,11 +359,8 @@ fn docker_readyz_is_503_right_after_sigterm_and_through_the_shutdown_delay() {
     // serves; the delay lasts.
     let mut polls = 0;
     let mut served = 0;
-    loop {
-        match http_get(admin, "/readyz", Duration::from_secs(2)) {
-            Ok((status, _)) => assert_eq!(status, 503, "after {:?}", sent.elapsed()),
-            Err(_) => break,
-        }
+    while let Ok((status, _)) = http_get(admin, "/readyz", Duration::from_secs(2)) {
+        assert_eq!(status, 503, "after {:?}", sent.elapsed());
         polls += 1;
         if served < 10 && sent.elapsed() < Duration::from_secs(2) {
             let (status, _) = http_get(app, "/", Duration::from_secs(2)).expect("the app");

@@ -96,8 +96,7 @@ async fn read_head(stream: &mut TcpStream) -> Option<Vec<u8>> {
                 return None;
             }
             head.extend_from_slice(&buf[..n]);
-            if head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n")
-            {
+            if head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n") {
                 return Some(());
             }
             if head.len() > MAX_REQUEST {
@@ -157,7 +156,10 @@ fn route(method: &str, target: &str, metrics: &Metrics) -> Reply {
             content_type: "text/plain; version=0.0.4; charset=utf-8",
             ..text("200 OK", metrics.render())
         },
-        _ => text("404 Not Found", "not found: try /readyz, /livez or /metrics\n"),
+        _ => text(
+            "404 Not Found",
+            "not found: try /readyz, /livez or /metrics\n",
+        ),
     }
 }
 
@@ -225,7 +227,9 @@ fn verdict(json: &str) -> Result<String, String> {
         .is_some_and(|(_, rest)| rest.starts_with("true"));
     let (generation, pid) = (number("\"generation\":"), number("\"pid\":"));
     if ready {
-        Ok(format!("generation {generation} (pid {pid}) ready, {state}"))
+        Ok(format!(
+            "generation {generation} (pid {pid}) ready, {state}"
+        ))
     } else {
         Err(format!(
             "generation {generation} (pid {pid}) is not ready yet ({state})"
@@ -273,21 +277,30 @@ mod tests {
     #[test]
     fn routes() {
         let m = Metrics::new();
-        assert_eq!(route("GET", "/readyz", &m).status, "503 Service Unavailable");
+        assert_eq!(
+            route("GET", "/readyz", &m).status,
+            "503 Service Unavailable"
+        );
         m.publish(Gauges {
             generation: Some(2),
             ready: true,
             ..Gauges::default()
         });
         let r = route("GET", "/readyz?verbose", &m);
-        assert_eq!((r.status, r.body.as_str()), ("200 OK", "ready: generation 2 serving\n"));
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            ("200 OK", "ready: generation 2 serving\n")
+        );
         m.publish(Gauges {
             generation: Some(2),
             stopping: true,
             ..Gauges::default()
         });
         let r = route("HEAD", "/readyz", &m);
-        assert_eq!((r.status, r.body.as_str()), ("503 Service Unavailable", "not ready: stopping\n"));
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            ("503 Service Unavailable", "not ready: stopping\n")
+        );
         assert_eq!(route("GET", "/livez", &m).status, "200 OK");
         let r = route("GET", "/metrics", &m);
         assert!(r.content_type.contains("version=0.0.4"));
@@ -306,7 +319,10 @@ mod tests {
                  \"ready_after_ms\":35}},\"upgrading\":null}}"
             )
         };
-        assert_eq!(verdict(&gen(true)), Ok("generation 3 (pid 42) ready, serving".into()));
+        assert_eq!(
+            verdict(&gen(true)),
+            Ok("generation 3 (pid 42) ready, serving".into())
+        );
         assert!(verdict(&gen(false)).unwrap_err().contains("not ready yet"));
         let upgrading = gen(true).replace("serving", "upgrading");
         assert!(verdict(&upgrading).is_ok());

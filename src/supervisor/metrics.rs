@@ -377,7 +377,8 @@ mod tests {
                 .trim_end_matches("_sum")
                 .trim_end_matches("_count");
             assert!(
-                text.contains(&format!("# TYPE {name} ")) || text.contains(&format!("# TYPE {family} histogram")),
+                text.contains(&format!("# TYPE {name} "))
+                    || text.contains(&format!("# TYPE {family} histogram")),
                 "{l}"
             );
         }

@@ -83,7 +83,14 @@ fn build_static() -> Vec<PathBuf> {
     cmd.current_dir(manifest_dir())
         .args(["build", "--target", TRIPLE, "--target-dir"])
         .arg(&target_dir)
-        .args(["--bin", "handover", "--example", "http_server", "--example", "plain_server"])
+        .args([
+            "--bin",
+            "handover",
+            "--example",
+            "http_server",
+            "--example",
+            "plain_server",
+        ])
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
         .env("CARGO_PROFILE_DEV_DEBUG", "false")
         .env_remove("CARGO_TARGET_DIR")
@@ -188,7 +195,11 @@ pub fn image() -> &'static str {
 pub fn derived_image(suffix: &str, lines: &str, context: &[(&str, &str)]) -> String {
     let tag = format!("{}-{suffix}", image());
     let ctx = TempDir::new("docker-derived");
-    std::fs::write(ctx.join("Dockerfile"), format!("FROM {}\n{lines}\n", image())).unwrap();
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!("FROM {}\n{lines}\n", image()),
+    )
+    .unwrap();
     for (name, body) in context {
         use std::os::unix::fs::PermissionsExt;
         let path = ctx.join(name);
