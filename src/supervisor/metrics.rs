@@ -22,8 +22,9 @@ const BUCKETS: [f64; 14] = [
 
 /// Why an upgrade failed, as the `reason` label of
 /// `handover_rollbacks_total`. Every one is exported from the start, at 0.
-pub(crate) const ROLLBACK_REASONS: [&str; 5] = [
+pub(crate) const ROLLBACK_REASONS: [&str; 6] = [
     "exited_before_ready",
+    "probation",
     "ready_timeout",
     "spawn_failed",
     "stopping",
@@ -33,7 +34,10 @@ pub(crate) const ROLLBACK_REASONS: [&str; 5] = [
 /// The `reason` label for the failure text of an upgrade (the words of
 /// `supervise::upgrades` and `supervise::exits`).
 pub(crate) fn rollback_reason(reason: &str) -> &'static str {
-    if reason.contains("before it was ready") {
+    // First: a probation's failure text quotes what failed (a check, an exit).
+    if reason.contains("failed its probation") || reason.contains("during its probation") {
+        "probation"
+    } else if reason.contains("before it was ready") {
         "exited_before_ready"
     } else if reason.contains("--ready-timeout") {
         "ready_timeout"
@@ -316,6 +320,15 @@ mod tests {
                 "spawn_failed",
             ),
             ("the supervisor is stopping", "stopping"),
+            (
+                "generation 3 (pid 9) failed its probation 1s after ready: 3 health checks \
+                 failed in a row, the last: GET / answered 503",
+                "probation",
+            ),
+            (
+                "generation 3 (pid 9) exited with status 1 during its probation, 20ms after ready",
+                "probation",
+            ),
             ("generation 3 (pid 9) was killed", "other"),
         ] {
             assert_eq!(rollback_reason(text), reason, "{text}");
