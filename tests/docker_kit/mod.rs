@@ -257,6 +257,15 @@ impl Container {
             .unwrap_or_else(|| panic!("no published address for {port} in {text:?}"))
     }
 
+    /// Its address on Docker's default bridge, reachable from the host without the
+    /// userland proxy of published ports.
+    pub fn bridge_addr(&self, port: u16) -> SocketAddr {
+        let ip = self.inspect("{{.NetworkSettings.IPAddress}}");
+        format!("{ip}:{port}")
+            .parse()
+            .unwrap_or_else(|_| panic!("no bridge address: {ip:?}"))
+    }
+
     /// `docker exec <c> ARGS`.
     pub fn exec(&self, args: &[&str]) -> Output {
         let mut all = vec!["exec", self.name.as_str()];
