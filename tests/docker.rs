@@ -522,15 +522,20 @@ fn docker_healthcheck_goes_healthy_then_unhealthy_when_the_app_crash_loops() {
     assert_eq!(c.wait(), 3, "{}", c.dump());
 }
 
-/// Leaves the swarm on drop, if this test made the node join one.
+/// Leaves the swarm on drop, if this test made the node join one, and removes the
+/// `docker_gwbridge` network that `swarm init` creates (and `leave` keeps) if it made it.
 struct SwarmGuard {
     joined_here: bool,
+    made_gwbridge: bool,
 }
 
 impl Drop for SwarmGuard {
     fn drop(&mut self) {
         if self.joined_here {
             let _ = docker_kit::docker(&["swarm", "leave", "--force"]);
+        }
+        if self.made_gwbridge {
+            let _ = docker_kit::docker(&["network", "rm", "docker_gwbridge"]);
         }
     }
 }
@@ -601,8 +606,13 @@ fn docker_swarm_start_first_update_and_rollback_of_a_broken_image() {
         return;
     }
     let state = docker_kit::docker_ok(&["info", "--format", "{{.Swarm.LocalNodeState}}"]);
-    let mut swarm = SwarmGuard { joined_here: false };
+    let mut swarm = SwarmGuard {
+        joined_here: false,
+        made_gwbridge: false,
+    };
     if state == "inactive" {
+        swarm.made_gwbridge =
+            docker_kit::docker(&["network", "inspect", "docker_gwbridge"]).code != Some(0);
         let out = docker_kit::docker(&["swarm", "init", "--advertise-addr", "127.0.0.1"]);
         assert_eq!(out.code, Some(0), "docker swarm init: {out:?}");
         swarm.joined_here = true;
