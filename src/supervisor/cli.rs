@@ -22,7 +22,7 @@ handover: zero-downtime upgrades for network servers
 Usage:
   handover run [OPTIONS] [--] COMMAND [ARGS...]   supervise COMMAND (container entrypoint)
   handover upgrade [--control PATH] [--timeout DUR]
-  handover status [--control PATH] [--json]
+  handover status [--control PATH] [--json | --check]
   handover help | --help | --version
 
 `handover run --help` lists the options of the supervisor.
@@ -74,6 +74,10 @@ Options:
                          by `handover upgrade`
   --max-draining N       old generations allowed to drain at once, 1 to 1000; an
                          upgrade beyond waits for one to exit (default 8)
+  --admin [tcp://]HOST:PORT
+                         serve GET /readyz, /livez and /metrics (Prometheus) on an
+                         HTTP listener of the supervisor's own, never passed to the
+                         app; /readyz is 503 from SIGTERM on (default: none)
   --backlog N            listen(2) backlog of stream listeners, 1 to 2147483647
                          (the kernel caps it at net.core.somaxconn) (default 1024)
   --probation DUR        after a new generation is ready, keep the old one until it
@@ -96,7 +100,7 @@ Options:
 
 Durations: 500ms, 30s, 2m, 1h. Signals: TERM, SIGTERM or 15.
 Logs go to stderr, one line per event; HANDOVER_LOG=error|warn|info|debug|trace
-(default info).
+(default info); HANDOVER_LOG_FORMAT=json writes each as one JSON object.
 ";
 
 /// Help of `handover upgrade`.
@@ -111,10 +115,13 @@ within --timeout (default 5m).
 
 /// Help of `handover status`.
 pub(crate) const STATUS_HELP: &str = "\
-Usage: handover status [--control PATH] [--json]
+Usage: handover status [--control PATH] [--json | --check]
 
 Shows the current generation, its pid, uptime and state, the generations still
 draining, and the outcome of the last upgrade. Exits 2 when there is no supervisor.
+--check, for a HEALTHCHECK CMD: prints one line and exits 0 when a generation is
+ready and the supervisor is neither restarting nor stopping, else 1 (also when
+there is no supervisor).
 ";
 
 /// What the command line asks for.
@@ -168,6 +175,8 @@ pub(crate) struct RunConfig {
     pub(crate) health: Option<HealthCheck>,
     /// `--watchdog`: the longest time between two `WATCHDOG=1`.
     pub(crate) watchdog: Option<Duration>,
+    /// `--admin`: the HTTP listener of `/readyz`, `/livez`, `/metrics`.
+    pub(crate) admin: Option<SocketAddr>,
     /// The command and its arguments.
     pub(crate) command: Vec<OsString>,
     /// Test-only debugging switch (`--debug-no-reap`, not in the help):
@@ -251,6 +260,8 @@ pub(crate) struct ClientConfig {
     pub(crate) timeout: Duration,
     /// `status --json`.
     pub(crate) json: bool,
+    /// `status --check`.
+    pub(crate) check: bool,
 }
 
 /// A malformed command line: which option, and what is wrong.
@@ -684,6 +695,7 @@ fn parse_run(args: &mut Args) -> Result<Command, UsageError> {
     let mut health_timeout = None;
     let mut health_threshold = None;
     let mut watchdog = None;
+    let mut admin = None;
     let mut command = Vec::new();
     let duration =
         |option: &str, text: String| parse_duration(&text).map_err(|e| UsageError::new(option, e));
@@ -775,6 +787,11 @@ fn parse_run(args: &mut Args) -> Result<Command, UsageError> {
                 args.no_value(o, &inline)?;
                 debug_no_reap = true;
             }
+            "--admin" => {
+                let text = args.text(o, inline)?;
+                let rest = text.strip_prefix("tcp://").unwrap_or(&text);
+                admin = Some(parse_host_port(rest, "tcp").map_err(|e| UsageError::new(o, e))?);
+            }
             _ => return Err(args.unknown(o)),
         }
     }
@@ -842,6 +859,7 @@ fn parse_run(args: &mut Args) -> Result<Command, UsageError> {
         probation,
         health,
         watchdog,
+        admin,
         command,
         debug_no_reap,
     })))
@@ -851,6 +869,7 @@ fn parse_client(args: &mut Args, json_allowed: bool) -> Result<ClientConfig, Usa
     let mut control = None;
     let mut timeout = DEFAULT_CLIENT_TIMEOUT;
     let mut json = false;
+    let mut check = false;
     while let Some(arg) = args.next() {
         match arg {
             Arg::End => {
@@ -882,6 +901,10 @@ fn parse_client(args: &mut Args, json_allowed: bool) -> Result<ClientConfig, Usa
                         args.no_value(o, &inline)?;
                         json = true;
                     }
+                    "--check" if json_allowed => {
+                        args.no_value(o, &inline)?;
+                        check = true;
+                    }
                     _ => return Err(args.unknown(o)),
                 }
             }
@@ -891,6 +914,7 @@ fn parse_client(args: &mut Args, json_allowed: bool) -> Result<ClientConfig, Usa
         control: control.unwrap_or_else(default_control_path),
         timeout,
         json,
+        check,
     })
 }
 
@@ -1047,7 +1071,16 @@ mod tests {
         assert_eq!(c.shutdown_delay, Duration::ZERO);
         assert_eq!(c.restart, RestartPolicy::OnFailure);
         assert_eq!(c.control, default_control_path());
+        assert_eq!(c.admin, None);
         assert!(!c.debug_no_reap);
+        for (text, addr) in [
+            ("127.0.0.1:9090", "127.0.0.1:9090"),
+            ("tcp://0.0.0.0:0", "0.0.0.0:0"),
+            ("[::]:9090", "[::]:9090"),
+        ] {
+            let c = run(&["--admin", text, "--", "a"]).unwrap();
+            assert_eq!(c.admin, Some(addr.parse().unwrap()), "{text}");
+        }
 
         let c = run(&[
             "--listen",
@@ -1214,6 +1247,13 @@ mod tests {
                 "--health-threshold",
             ),
             (&["run", "--watchdog", "0s", "--", "a"][..], "--watchdog"),
+            (&["run", "--admin", "9090", "--", "a"][..], "--admin"),
+            (
+                &["run", "--admin", "localhost:9090", "--", "a"][..],
+                "--admin",
+            ),
+            (&["status", "--check=1"][..], "--check"),
+            (&["upgrade", "--check"][..], "--check"),
             (&["run", "--bogus", "--", "a"][..], "--bogus"),
             (
                 &["run", "--debug-no-reap=1", "--", "a"][..],
@@ -1269,7 +1309,11 @@ mod tests {
             other => panic!("{other:?}"),
         }
         match parse(["status", "--json"].map(OsString::from)) {
-            Ok(Command::Status(c)) => assert!(c.json),
+            Ok(Command::Status(c)) => assert!(c.json && !c.check),
+            other => panic!("{other:?}"),
+        }
+        match parse(["status", "--check"].map(OsString::from)) {
+            Ok(Command::Status(c)) => assert!(c.check && !c.json),
             other => panic!("{other:?}"),
         }
         assert_eq!(

@@ -27,6 +27,8 @@ pub(crate) const LOG_ENV: &str = "HANDOVER_LOG";
 pub(crate) struct Logger {
     max: LevelFilter,
     next_span: AtomicU64,
+    /// `HANDOVER_LOG_FORMAT=json`: one JSON object per line.
+    json: bool,
 }
 
 impl Logger {
@@ -35,7 +37,14 @@ impl Logger {
         Logger {
             max,
             next_span: AtomicU64::new(1),
+            json: false,
         }
+    }
+
+    /// The same logger writing JSON lines (see `log_json`).
+    pub(crate) fn json(mut self, json: bool) -> Self {
+        self.json = json;
+        self
     }
 
     /// A logger at the level named by `HANDOVER_LOG`, `info` when unset or
@@ -45,7 +54,9 @@ impl Logger {
             .ok()
             .and_then(|v| v.trim().parse::<LevelFilter>().ok())
             .unwrap_or(LevelFilter::INFO);
-        Logger::new(max)
+        let json = std::env::var(super::log_json::LOG_FORMAT_ENV)
+            .is_ok_and(|v| v.trim().eq_ignore_ascii_case("json"));
+        Logger::new(max).json(json)
     }
 
     /// Formats one event line (without writing it).
@@ -59,6 +70,11 @@ impl Logger {
             Level::DEBUG => "DEBUG",
             Level::TRACE => "TRACE",
         };
+        if self.json {
+            let mut fields = super::log_json::JsonFields::default();
+            event.record(&mut fields);
+            return super::log_json::line(&line, level, &fields);
+        }
         let _ = write!(line, " {level} handover:");
         let mut visitor = Fields {
             message: String::new(),
@@ -214,6 +230,35 @@ mod tests {
         );
         assert!(lines[1].starts_with("2023-11-14T22:13:20.123Z  WARN handover: odd error="));
         assert_eq!(lines[1].matches('\n').count(), 1, "{}", lines[1]);
+    }
+
+    #[test]
+    fn json_lines_carry_the_same_fields() {
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let capture = Capture(Logger::new(LevelFilter::INFO).json(true), lines.clone());
+        tracing::subscriber::with_default(capture, || {
+            tracing::info!(
+                generation = 2,
+                pid = -1,
+                pid1 = true,
+                reason = "exited with \"status\" 3",
+                command = %"a\nb",
+                "generation ready"
+            );
+            tracing::warn!(error = ?"x", "odd");
+        });
+        let lines = lines.lock().unwrap();
+        assert_eq!(
+            lines[0],
+            "{\"timestamp\":\"2023-11-14T22:13:20.123Z\",\"level\":\"INFO\",\"target\":\"handover\",\
+             \"message\":\"generation ready\",\"generation\":2,\"pid\":-1,\"pid1\":true,\
+             \"reason\":\"exited with \\\"status\\\" 3\",\"command\":\"a\\nb\"}\n"
+        );
+        assert_eq!(
+            lines[1],
+            "{\"timestamp\":\"2023-11-14T22:13:20.123Z\",\"level\":\"WARN\",\"target\":\"handover\",\
+             \"message\":\"odd\",\"error\":\"\\\"x\\\"\"}\n"
+        );
     }
 
     #[test]

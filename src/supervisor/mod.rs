@@ -5,10 +5,13 @@
 //! API: the `handover` binary calls [`main`] (re-exported, hidden, as
 //! `handover::__main`) and nothing else.
 
+mod admin;
 mod cli;
 mod control;
 mod error;
 mod log;
+mod log_json;
+mod metrics;
 mod signals;
 mod spawn;
 mod status;
@@ -69,6 +72,7 @@ fn dispatch(
             }
         }
         Command::Upgrade(config) => control::upgrade(&config, out, err),
+        Command::Status(config) if config.check => admin::check(&config, out, err),
         Command::Status(config) => control::status(&config, out, err),
     }
 }

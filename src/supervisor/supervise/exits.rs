@@ -112,6 +112,8 @@ impl Supervisor {
                 self.finish_upgrade_failure(reason, Some(pid));
             }
             Role::Draining if !was_current => {
+                self.metrics
+                    .drained(gen.stop_sent_at.map(|t| t.elapsed()), gen.killed);
                 let clean = code == 0;
                 if clean {
                     info!(generation = number, pid, status = %describe(status), "old generation exited");

@@ -38,6 +38,7 @@ use tracing::{debug, error, info, warn};
 use super::cli::{format_duration, ListenAddress, ReadyMode, RestartPolicy, RunConfig};
 use super::control::{self, Request, Waiter};
 use super::error::Error;
+use super::metrics::Metrics;
 use super::signals::{self, Signals};
 use super::spawn::{describe_command, Release, Spawner};
 use super::status::{
@@ -54,6 +55,7 @@ use self::tree::{descendants, descendants_with_start, in_tree_of, start_time};
 
 mod exits;
 mod probation;
+mod publish;
 mod readiness;
 mod tree;
 mod upgrades;
@@ -324,6 +326,8 @@ struct Supervisor {
     /// `--pid-file`.
     pid_file: Option<PidFile>,
     exit_code: Option<i32>,
+    /// What `--admin` serves.
+    metrics: Metrics,
 }
 
 fn send(waiters: &[Waiter], line: &str) {
@@ -1038,6 +1042,7 @@ pub(crate) fn run(cfg: RunConfig) -> Result<i32, Error> {
             restart_asked: false,
             pid_file: cfg.pid_file.clone().map(PidFile::new),
             exit_code: None,
+            metrics: Metrics::new(),
             cfg,
         };
         if inherited > 0 {
@@ -1057,6 +1062,18 @@ pub(crate) fn run(cfg: RunConfig) -> Result<i32, Error> {
         for (name, address) in &sup.listeners {
             info!(name, address, "listening");
         }
+        // Before the app starts: a bad --admin changes nothing.
+        let _admin = match sup
+            .cfg
+            .admin
+            .map(|a| super::admin::start(a, sup.metrics.clone()))
+        {
+            Some(Err(e)) => {
+                sup.registry.unlink_unix_paths(false);
+                return Err(e);
+            }
+            admin => admin.and_then(Result::ok).map(AbortOnDrop),
+        };
         match sup.spawn_generation(1, Role::Current, None) {
             Ok(_) => {
                 sup.current = Some(1);
@@ -1076,6 +1093,7 @@ pub(crate) fn run(cfg: RunConfig) -> Result<i32, Error> {
             sup.on_timer();
             sup.maybe_start_upgrade();
             sup.check_done();
+            sup.publish_metrics();
             if let Some(code) = sup.exit_code {
                 info!(code, "supervisor exiting");
                 sup.registry.unlink_unix_paths(false);

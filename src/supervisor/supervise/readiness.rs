@@ -23,6 +23,7 @@ impl Supervisor {
         let (pid, ready_after) = (gen.pid, now - gen.started);
         self.kill_probe(number, "the generation is ready");
         self.on_ready_checks(number, role, now);
+        self.metrics.ready(ready_after);
         match role {
             Role::Candidate => self.candidate_ready(number, ready_after),
             _ => {

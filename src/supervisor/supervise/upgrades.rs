@@ -192,6 +192,7 @@ impl Supervisor {
         );
         send(&up.waiters, &format!("ok: {detail}"));
         self.upgrades_succeeded += 1;
+        self.metrics.upgrade_succeeded();
         self.last_upgrade = Some(Outcome {
             succeeded: true,
             generation: number,
@@ -299,6 +300,7 @@ impl Supervisor {
         );
         send(&up.waiters, &format!("failed: {reason}; {keeps}"));
         self.upgrades_failed += 1;
+        self.metrics.upgrade_failed(&reason);
         self.last_upgrade = Some(Outcome {
             succeeded: false,
             generation: up.number,
