@@ -194,19 +194,19 @@ impl fmt::Display for Metrics {
             "reason",
             &self.rollbacks,
         )?;
-        writeln!(f, "# HELP handover_ready_seconds Time from an upgrade's trigger to the new generation's ready.")?;
-        writeln!(f, "# TYPE handover_ready_seconds summary")?;
-        writeln!(f, "handover_ready_seconds_sum {}", self.ready_seconds.sum)?;
+        writeln!(f, "# HELP handover_time_to_ready_seconds Time from an upgrade's trigger to the new generation's ready.")?;
+        writeln!(f, "# TYPE handover_time_to_ready_seconds summary")?;
+        writeln!(f, "handover_time_to_ready_seconds_sum {}", self.ready_seconds.sum)?;
         writeln!(
             f,
-            "handover_ready_seconds_count {}",
+            "handover_time_to_ready_seconds_count {}",
             self.ready_seconds.count
         )?;
-        writeln!(f, "# HELP handover_drain_seconds How long the drains took.")?;
-        writeln!(f, "# TYPE handover_drain_seconds summary")?;
+        writeln!(f, "# HELP handover_drain_duration_seconds How long the drains took.")?;
+        writeln!(f, "# TYPE handover_drain_duration_seconds summary")?;
         let (sum, count) = self.drain.map_or((0.0, 0), |d| (d.as_secs_f64(), 1));
-        writeln!(f, "handover_drain_seconds_sum {sum}")?;
-        writeln!(f, "handover_drain_seconds_count {count}")?;
+        writeln!(f, "handover_drain_duration_seconds_sum {sum}")?;
+        writeln!(f, "handover_drain_duration_seconds_count {count}")?;
         gauge(
             f,
             "handover_draining_generations",
@@ -265,8 +265,8 @@ mod tests {
             "handover_upgrades_total{outcome=\"stopping\"} 1",
             "handover_upgrades_total{outcome=\"succeeded\"} 1",
             "handover_rollbacks_total{reason=\"unhealthy\"} 1",
-            "handover_ready_seconds_sum 0.25",
-            "handover_ready_seconds_count 1",
+            "handover_time_to_ready_seconds_sum 0.25",
+            "handover_time_to_ready_seconds_count 1",
             "handover_draining_generations 1",
             "handover_in_flight 4",
         ] {
