@@ -196,13 +196,20 @@ impl fmt::Display for Metrics {
         )?;
         writeln!(f, "# HELP handover_time_to_ready_seconds Time from an upgrade's trigger to the new generation's ready.")?;
         writeln!(f, "# TYPE handover_time_to_ready_seconds summary")?;
-        writeln!(f, "handover_time_to_ready_seconds_sum {}", self.ready_seconds.sum)?;
+        writeln!(
+            f,
+            "handover_time_to_ready_seconds_sum {}",
+            self.ready_seconds.sum
+        )?;
         writeln!(
             f,
             "handover_time_to_ready_seconds_count {}",
             self.ready_seconds.count
         )?;
-        writeln!(f, "# HELP handover_drain_duration_seconds How long the drains took.")?;
+        writeln!(
+            f,
+            "# HELP handover_drain_duration_seconds How long the drains took."
+        )?;
         writeln!(f, "# TYPE handover_drain_duration_seconds summary")?;
         let (sum, count) = self.drain.map_or((0.0, 0), |d| (d.as_secs_f64(), 1));
         writeln!(f, "handover_drain_duration_seconds_sum {sum}")?;
