@@ -51,6 +51,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let listener = match &listen {
             Listen::Tcp(addr) => {
                 let listener = handover.tcp("echo", *addr)?;
+                if !no_adopt {
+                    // Before ready: offers come as soon as we are promoted.
+                    handover.adopt_connections();
+                }
                 // Sessions the previous generation hands over.
                 let h = handover.clone();
                 tokio::spawn(async move {

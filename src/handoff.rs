@@ -156,10 +156,20 @@ impl Handover {
         }
     }
 
+    /// Says that this generation takes the live connections the previous
+    /// one hands over. Call it before [`ready`](Handover::ready): offers
+    /// come as soon as this generation is promoted, and until this is called
+    /// they are declined (the previous generation then keeps them).
+    /// [`adopt`](Handover::adopt) calls it too.
+    pub fn adopt_connections(&self) {
+        self.inner.adoptions.wanted.store(true, Ordering::SeqCst);
+    }
+
     /// The next live connection the previous generation handed over (see
     /// [`hand_over`](Handover::hand_over)), with its state; `None` once this
-    /// generation stops. Offers are taken only once the app has called
-    /// this: an app that never adopts declines them, and the previous
+    /// generation stops. Offers are taken only once the app has said it
+    /// takes them ([`adopt_connections`](Handover::adopt_connections), or
+    /// this call): an app that never adopts declines them, and the previous
     /// generation keeps its connections. Cancel-safe.
     pub async fn adopt(&self) -> Option<std::io::Result<(tokio::net::TcpStream, Vec<u8>)>> {
         let adoptions = &self.inner.adoptions;
