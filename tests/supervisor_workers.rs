@@ -483,3 +483,147 @@ fn sigterm_during_a_roll_stops_every_worker() {
         );
     }
 }
+
+#[test]
+fn triggers_during_a_roll_are_coalesced_into_one_more_roll() {
+    let p = pool("workers-coalesce", &["--probation", "300ms"]);
+    release(&p.app, "v2", "");
+    let first = upgrade_in_background(&p.sv);
+    p.wait_serving(|s| s.len() == 5, "the roll's first new worker ready");
+    // Three more triggers while it rolls: one more roll after it, not three.
+    for _ in 0..3 {
+        p.sv.signal(Signal::SIGHUP);
+    }
+    let second = p.sv.upgrade();
+    let first = first.join().expect("the client thread");
+    assert_eq!(first.code, Some(0), "{first:?}");
+    assert_eq!(second.code, Some(0), "{second:?}\n{}", p.sv.server.dump());
+    assert!(
+        second
+            .stdout
+            .contains("waiting: a rolling upgrade is in progress"),
+        "{second:?}"
+    );
+    let status = p.sv.status_json();
+    assert!(
+        status.contains("\"upgrades\":{\"succeeded\":2,\"failed\":0}"),
+        "{status}"
+    );
+    p.wait_serving(|s| s.len() == 4, "4 workers after the second roll");
+    p.stop();
+}
+
+#[test]
+fn max_surge_2_starts_two_new_workers_at_once_under_load() {
+    let p = pool(
+        "workers-surge",
+        &["--probation", "300ms", "--max-surge", "2"],
+    );
+    let loads = loads(p.addr);
+    let before = p.serving_pids();
+    release(&p.app, "v2", "");
+    let upgrade = upgrade_in_background(&p.sv);
+    // Two new workers on probation beside the 4 old ones.
+    let rows = p.wait_serving(|s| s.len() == 6, "6 workers serving (2 surging)");
+    assert_eq!(
+        rows.iter().filter(|w| w.state == "probation").count(),
+        2,
+        "{rows:?}"
+    );
+    let out = upgrade.join().expect("the client thread");
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let after = p.serving_pids();
+    assert_eq!(after.len(), 4);
+    assert!(after.is_disjoint(&before));
+    for load in loads {
+        let report = load.stop();
+        report.assert_no_failures();
+    }
+    p.stop();
+}
+
+/// The real python3, or `None` (a failure in CI).
+fn python() -> Option<PathBuf> {
+    let out = Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .ok()?;
+    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    if path.is_file() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "skipping: no python3 (in CI)"
+    );
+    eprintln!("skipping: no python3");
+    None
+}
+
+#[test]
+fn library_workers_are_parked_one_at_a_time_and_resumed_on_rollback() {
+    let Some(python) = python() else {
+        return;
+    };
+    let dir = TempDir::new("workers-parked");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/parkable_app.py");
+    let verdict = dir.join("verdict");
+    let sv = Supervised::start(
+        Tier::Subreaper,
+        &dir,
+        &[
+            "--listen",
+            "tcp://127.0.0.1:0",
+            "--workers",
+            "2",
+            "--probation",
+            "300ms",
+            "--drain-timeout",
+            "5s",
+        ],
+        &[python.as_os_str(), script.as_os_str(), verdict.as_os_str()],
+    );
+    let w0 = sv.server.wait_ready(1);
+    let w1 = sv.server.wait_ready(2);
+    // A good roll: old worker k parks while new worker k is on probation, then is replaced.
+    let out = upgrade_in_background(&sv)
+        .join()
+        .expect("the client thread");
+    assert_eq!(out.code, Some(0), "{out:?}\n{}", sv.server.dump());
+    assert!(
+        out.stdout.contains("on probation for 300ms (parked)"),
+        "{out:?}"
+    );
+    let parked: Vec<String> = sv
+        .server
+        .stdout_lines()
+        .into_iter()
+        .filter(|l| l.starts_with("parked pid="))
+        .collect();
+    assert_eq!(
+        parked,
+        vec![
+            format!("parked pid={}", w0.pid),
+            format!("parked pid={}", w1.pid)
+        ],
+        "parked one at a time, in worker order"
+    );
+    let n3 = sv.server.wait_ready(3);
+    // A release that says `unhealthy` on probation: the parked old worker resumes.
+    std::fs::write(&verdict, "unhealthy").unwrap();
+    let out = upgrade_in_background(&sv)
+        .join()
+        .expect("the client thread");
+    assert_eq!(out.code, Some(1), "{out:?}\n{}", sv.server.dump());
+    assert!(
+        out.stdout
+            .contains("failed: rolled back at worker 1 of 2: ")
+            && out.stdout.contains("the app says it is unhealthy"),
+        "{out:?}"
+    );
+    sv.server
+        .wait_line(|l| l == format!("resumed pid={}", n3.pid), T)
+        .unwrap_or_else(|e| panic!("{e}"));
+    sv.signal(Signal::SIGTERM);
+    assert_eq!(sv.wait_exit(T), Exit::Code(0), "{}", sv.server.dump());
+}
