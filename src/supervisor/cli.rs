@@ -1146,6 +1146,17 @@ mod tests {
     }
 
     #[test]
+    fn worker_options() {
+        let c = run(&["--", "a"]).unwrap();
+        assert_eq!((c.workers, c.max_surge), (1, 1));
+        let c = run(&["--workers", "4", "--max-surge=2", "--", "a"]).unwrap();
+        assert_eq!((c.workers, c.max_surge), (4, 2));
+        // A surge beyond N is N.
+        let c = run(&["--workers=3", "--max-surge", "8", "--", "a"]).unwrap();
+        assert_eq!((c.workers, c.max_surge), (3, 3));
+    }
+
+    #[test]
     fn probation_and_health_options() {
         let c = run(&["--", "a"]).unwrap();
         assert_eq!(
@@ -1232,6 +1243,9 @@ mod tests {
             ),
             (&["run", "--backlog", "x", "--", "a"][..], "--backlog"),
             (&["run", "--probation", "5", "--", "a"][..], "--probation"),
+            (&["run", "--workers", "0", "--", "a"][..], "--workers"),
+            (&["run", "--workers", "1025", "--", "a"][..], "--workers"),
+            (&["run", "--max-surge", "0", "--", "a"][..], "--max-surge"),
             (&["run", "--health", "udp://h:1", "--", "a"][..], "--health"),
             (
                 &[

@@ -19,6 +19,10 @@
 //!   started) at `--failed-drain-timeout`; the failure is reported once it is
 //!   reaped.
 //!
+//! With `--workers N` (above 1), N generations serve side by side, one per
+//! worker slot, and an upgrade is a roll through the slots (see
+//! `workers.rs`); the roles above are then those of each worker.
+//!
 //! Readiness probes (`--ready exec:`) and health checks (`--health exec:`)
 //! run in a process group of their own, killed as a whole as soon as their
 //! answer no longer matters.

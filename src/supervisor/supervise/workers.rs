@@ -809,7 +809,12 @@ impl Supervisor {
             })
             .unwrap_or_default();
         for k in restarts {
-            self.restart_worker(k);
+            if self.phase == Phase::Running {
+                self.restart_worker(k);
+            } else if let Some(pool) = &mut self.pool {
+                // Stopping: a crashed worker is not started again.
+                pool.slots[k].restart = None;
+            }
         }
     }
 
