@@ -627,3 +627,45 @@ fn library_workers_are_parked_one_at_a_time_and_resumed_on_rollback() {
     sv.signal(Signal::SIGTERM);
     assert_eq!(sv.wait_exit(T), Exit::Code(0), "{}", sv.server.dump());
 }
+
+#[test]
+fn the_exit_status_is_the_one_of_the_worker_current_the_longest() {
+    // Workers that exit with 10 + their index on SIGTERM; ready after a delay.
+    let dir = TempDir::new("workers-exit");
+    let app = dir.join("app");
+    std::fs::write(
+        &app,
+        "#!/bin/bash\ntrap 'exit $((10 + HANDOVER_WORKER))' TERM\nwhile :; do sleep 0.05; done\n",
+    )
+    .expect("write the app");
+    std::fs::set_permissions(&app, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let sv = Supervised::start(
+        Tier::Subreaper,
+        &dir,
+        &[
+            "--listen",
+            "tcp://127.0.0.1:0",
+            "--workers",
+            "3",
+            "--ready",
+            "delay:50ms",
+        ],
+        &[app.as_os_str()],
+    );
+    let p = Pool {
+        _dir: dir,
+        app,
+        addr: ([127, 0, 0, 1], 0).into(),
+        sv,
+    };
+    let rows = p.wait_serving(|s| s.len() == 3, "3 workers ready");
+    // Worker 0 was current the longest; after its crash restart, worker 1 is.
+    let w0 = rows.iter().find(|w| w.worker == 0).expect("worker 0").pid;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(w0), Signal::SIGKILL).expect("kill -9");
+    p.wait_serving(
+        |s| s.len() == 3 && s.iter().any(|w| w.worker == 0 && w.pid != w0),
+        "worker 0 restarted",
+    );
+    p.sv.signal(Signal::SIGTERM);
+    assert_eq!(p.sv.wait_exit(T), Exit::Code(11), "{}", p.sv.server.dump());
+}
