@@ -11,7 +11,12 @@
 //!   on disk is replaced by it before the roll, the roll rolls back, `handover upgrade` exits 1
 //!   with "rolled back at worker 2 of 4", and the 4 workers serving at the end run the previous
 //!   release (its marker, `RELEASE=v1`, in `/proc/<pid>/environ`), started from the kept
-//!   executable.
+//!   executable; a release that cannot be started fails the roll at worker 1 with nothing
+//!   stopped;
+//! - `--max-surge 2` puts two new workers on probation at once; triggers during a roll make
+//!   one more roll; library workers are parked one at a time and resumed on a rollback;
+//! - SIGTERM during a roll stops every worker; the exit status is the one of the worker
+//!   current the longest.
 //!
 //! A release is a bash script beside the test's temp dir that exports `RELEASE=<tag>` and execs
 //! `plain_server`; a deploy writes a new file and renames it over the old one.
@@ -668,4 +673,31 @@ fn the_exit_status_is_the_one_of_the_worker_current_the_longest() {
     );
     p.sv.signal(Signal::SIGTERM);
     assert_eq!(p.sv.wait_exit(T), Exit::Code(11), "{}", p.sv.server.dump());
+}
+
+#[test]
+fn a_release_that_cannot_start_fails_the_roll_at_worker_1_under_load() {
+    let p = pool("workers-missing", &[]);
+    let loads = loads(p.addr);
+    let v1 = p.serving_pids();
+    std::fs::remove_file(&p.app).expect("remove the release");
+    let out = p.sv.upgrade();
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(
+        out.stdout
+            .contains("failed: rolled back at worker 1 of 4: cannot start generation"),
+        "{out:?}"
+    );
+    // Nothing was promoted, nothing stopped: the same 4 pids serve.
+    assert_eq!(p.serving_pids(), v1);
+    let text = p.sv.client(&["status"], T);
+    assert!(
+        text.stdout.contains("last upgrade: failed")
+            && text.stdout.contains("rolled back at worker 1 of 4"),
+        "{text:?}"
+    );
+    for load in loads {
+        load.stop().assert_no_failures();
+    }
+    p.stop();
 }
