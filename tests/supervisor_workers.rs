@@ -222,7 +222,12 @@ fn upgrade_in_background(sv: &Supervised) -> std::thread::JoinHandle<Output> {
 
 #[test]
 fn four_workers_share_the_socket_with_distinct_pids() {
-    let p = pool("workers-four", &[]);
+    let admin_port = free_port();
+    let admin = format!("127.0.0.1:{admin_port}");
+    let p = pool("workers-four", &["--admin", &admin]);
+    // `--admin` sees the workers as serving.
+    let readyz = get(([127, 0, 0, 1], admin_port).into(), "/readyz", T).expect("GET /readyz");
+    assert_eq!(readyz.status, 200, "{}", readyz.body_str());
     let rows = p.status().expect("status");
     let expected: BTreeSet<i32> = serving(&rows).iter().map(|w| w.pid).collect();
     assert_eq!(expected.len(), 4, "{rows:?}");

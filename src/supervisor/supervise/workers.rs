@@ -345,6 +345,8 @@ impl Supervisor {
                     self.kill_leftovers(number, pid, &gen.leftovers);
                 }
                 _ => {
+                    self.metrics
+                        .drained(gen.stop_sent_at.map(|t| t.elapsed()), gen.killed);
                     info!(worker = k, generation = number, pid, status = %describe(status), "old worker exited")
                 }
             }

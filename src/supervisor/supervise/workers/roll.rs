@@ -297,6 +297,7 @@ impl Supervisor {
         );
         send(&roll.waiters, &format!("ok: {detail}"));
         self.upgrades_succeeded += 1;
+        self.metrics.upgrade_succeeded();
         let last = self.pool.as_ref().and_then(|p| p.slots[0].current);
         self.last_upgrade = Some(Outcome {
             succeeded: true,
@@ -540,6 +541,7 @@ impl Supervisor {
         );
         send(&roll.waiters, &format!("failed: {detail}"));
         self.upgrades_failed += 1;
+        self.metrics.upgrade_failed(&back.reason);
         self.last_upgrade = Some(Outcome {
             succeeded: false,
             generation: self.last_rollback.as_ref().map_or(0, |r| r.generation),
@@ -564,5 +566,6 @@ impl Supervisor {
         warn!(why, "rolling upgrade abandoned");
         send(&roll.waiters, &format!("failed: {why}"));
         self.upgrades_failed += 1;
+        self.metrics.upgrade_failed(why);
     }
 }
