@@ -96,6 +96,11 @@ Options:
   --watchdog DUR         pass WATCHDOG_USEC to each generation; once ready it must
                          send WATCHDOG=1 at least this often (WATCHDOG=trigger
                          fails it at once) (default: off)
+  --workers N            run N copies of the app on the same sockets, 1 to 1024; each
+                         has HANDOVER_WORKER=0..N-1, is restarted alone when it
+                         crashes, and an upgrade rolls through them (default 1)
+  --max-surge K          in a rolling upgrade, new workers started at once, 1 to N
+                         (default 1)
   -h, --help             this help
 
 Durations: 500ms, 30s, 2m, 1h. Signals: TERM, SIGTERM or 15.
@@ -177,6 +182,10 @@ pub(crate) struct RunConfig {
     pub(crate) watchdog: Option<Duration>,
     /// `--admin`: the HTTP listener of `/readyz`, `/livez`, `/metrics`.
     pub(crate) admin: Option<SocketAddr>,
+    /// `--workers`: copies of the app sharing the sockets.
+    pub(crate) workers: usize,
+    /// `--max-surge`: new workers started at once in a rolling upgrade.
+    pub(crate) max_surge: usize,
     /// The command and its arguments.
     pub(crate) command: Vec<OsString>,
     /// Test-only debugging switch (`--debug-no-reap`, not in the help):
@@ -308,6 +317,8 @@ pub(crate) const DEFAULT_BACKLOG: i32 = 1024;
 /// Largest `--max-draining`: each draining generation is a process with
 /// every socket open; more than this is a leak, not a policy.
 pub(crate) const MAX_MAX_DRAINING: usize = 1000;
+/// Largest `--workers` (and `--max-surge`).
+pub(crate) const MAX_WORKERS: usize = 1024;
 
 /// The default control socket path: `/run/handover/control.sock` for root
 /// (`/tmp/handover-0/control.sock` when there is no `/run`),
@@ -696,6 +707,8 @@ fn parse_run(args: &mut Args) -> Result<Command, UsageError> {
     let mut health_threshold = None;
     let mut watchdog = None;
     let mut admin = None;
+    let mut workers = 1;
+    let mut max_surge = 1;
     let mut command = Vec::new();
     let duration =
         |option: &str, text: String| parse_duration(&text).map_err(|e| UsageError::new(option, e));
@@ -761,6 +774,14 @@ fn parse_run(args: &mut Args) -> Result<Command, UsageError> {
                 backlog = number_in(o, &text, 1, i32::MAX)?;
             }
             "--probation" => probation = duration(o, args.text(o, inline)?)?,
+            "--workers" => {
+                let text = args.text(o, inline)?;
+                workers = number_in(o, &text, 1, MAX_WORKERS)?;
+            }
+            "--max-surge" => {
+                let text = args.text(o, inline)?;
+                max_surge = number_in(o, &text, 1, MAX_WORKERS)?;
+            }
             "--health" => {
                 let text = args.text(o, inline)?;
                 health = Some(
@@ -860,6 +881,8 @@ fn parse_run(args: &mut Args) -> Result<Command, UsageError> {
         health,
         watchdog,
         admin,
+        workers,
+        max_surge: max_surge.min(workers),
         command,
         debug_no_reap,
     })))
@@ -1123,6 +1146,17 @@ mod tests {
     }
 
     #[test]
+    fn worker_options() {
+        let c = run(&["--", "a"]).unwrap();
+        assert_eq!((c.workers, c.max_surge), (1, 1));
+        let c = run(&["--workers", "4", "--max-surge=2", "--", "a"]).unwrap();
+        assert_eq!((c.workers, c.max_surge), (4, 2));
+        // A surge beyond N is N.
+        let c = run(&["--workers=3", "--max-surge", "8", "--", "a"]).unwrap();
+        assert_eq!((c.workers, c.max_surge), (3, 3));
+    }
+
+    #[test]
     fn probation_and_health_options() {
         let c = run(&["--", "a"]).unwrap();
         assert_eq!(
@@ -1209,6 +1243,9 @@ mod tests {
             ),
             (&["run", "--backlog", "x", "--", "a"][..], "--backlog"),
             (&["run", "--probation", "5", "--", "a"][..], "--probation"),
+            (&["run", "--workers", "0", "--", "a"][..], "--workers"),
+            (&["run", "--workers", "1025", "--", "a"][..], "--workers"),
+            (&["run", "--max-surge", "0", "--", "a"][..], "--max-surge"),
             (&["run", "--health", "udp://h:1", "--", "a"][..], "--health"),
             (
                 &[

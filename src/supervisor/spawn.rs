@@ -66,6 +66,9 @@ impl Release {
 /// a watchdog of the supervisor's own (systemd's) is not the app's.
 const NOT_INHERITED: [&str; 2] = ["WATCHDOG_USEC", "WATCHDOG_PID"];
 
+/// The index of a worker (`--workers`), 0 to N-1, in its environment.
+pub(crate) const WORKER: &str = "HANDOVER_WORKER";
+
 /// The command line, for messages.
 pub(crate) fn describe_command(command: &[OsString]) -> String {
     command
@@ -93,7 +96,8 @@ impl Spawner {
     /// Starts generation `generation` with `sockets` (names and fds, in fd
     /// order from 3), its end of the control channel right after them
     /// (`HANDOVER_CONTROL_FD`, not counted in `LISTEN_FDS`) and
-    /// `NOTIFY_SOCKET=notify_socket`. Without `release` it runs the command
+    /// `NOTIFY_SOCKET=notify_socket`, and `HANDOVER_WORKER=worker` when
+    /// given (`--workers`). Without `release` it runs the command
     /// as found on disk now and returns that file as a [`Release`] (when it
     /// can be opened); with `release` it runs that kept file instead.
     /// Returns the pid once the child has exec'd, or why it could not.
@@ -104,6 +108,7 @@ impl Spawner {
         control: BorrowedFd<'_>,
         notify_socket: &str,
         release: Option<&Release>,
+        worker: Option<usize>,
     ) -> io::Result<(i32, Option<Release>)> {
         let program = self
             .command
@@ -122,9 +127,10 @@ impl Spawner {
         let env: Vec<(OsString, OsString)> = self
             .env
             .iter()
-            .filter(|(k, _)| !NOT_INHERITED.iter().any(|n| k == n))
+            .filter(|(k, _)| !NOT_INHERITED.iter().any(|n| k == n) && k != WORKER)
             .cloned()
             .chain(watchdog.map(|usec| (OsString::from("WATCHDOG_USEC"), OsString::from(usec))))
+            .chain(worker.map(|k| (OsString::from(WORKER), OsString::from(k.to_string()))))
             .collect();
         let mut fds: Vec<BorrowedFd<'_>> = sockets.iter().map(|(_, fd)| *fd).collect();
         fds.push(control);

@@ -104,6 +104,28 @@ pub(crate) struct Snapshot {
     /// `--watchdog`.
     pub(crate) watchdog: Option<Duration>,
     pub(crate) last_rollback: Option<RollbackInfo>,
+    /// Every worker process, by worker index then generation (`--workers`;
+    /// with one worker, its generations), including those being replaced.
+    pub(crate) workers: Vec<WorkerInfo>,
+    /// The rolling upgrade in progress (`--workers` above 1), in words.
+    pub(crate) roll: Option<String>,
+}
+
+/// One worker process, as `status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct WorkerInfo {
+    /// Its index, `HANDOVER_WORKER`.
+    pub(crate) worker: usize,
+    pub(crate) generation: u64,
+    pub(crate) pid: i32,
+    /// The executable it was started from.
+    pub(crate) release: Option<String>,
+    /// `starting`, `probation`, `ready`, `draining` or `failed`.
+    pub(crate) state: &'static str,
+    pub(crate) ready: bool,
+    /// Told to stop (replaced, failed or the supervisor stops).
+    pub(crate) stopping: bool,
+    pub(crate) uptime: Duration,
 }
 
 fn ms(d: Duration) -> u128 {
@@ -206,8 +228,16 @@ impl Snapshot {
     ///               "left_ms":8000,"health":HEALTH|null}|null,
     ///  "health":HEALTH|null,"watchdog_ms":3000|null,
     ///  "last_rollback":{"generation":4,"pid":43,"ago_ms":100,"after_ready_ms":310,
-    ///                   "reason":"..."}|null}
+    ///                   "reason":"..."}|null,
+    ///  "workers":[{"worker":0,"generation":3,"pid":42,"release":"/app/server"|null,
+    ///              "state":"starting"|"probation"|"ready"|"draining"|"failed",
+    ///              "ready":true,"stopping":false,"uptime_ms":900}...],
+    ///  "roll":"2 of 4 workers replaced, 1 starting, 1 to go"|null}
     /// ```
+    ///
+    /// `workers` lists every process of the app, those being replaced too
+    /// (`"stopping":true` until they exit); with one worker, its
+    /// generations.
     ///
     /// where HEALTH is `{"check":"http://127.0.0.1:8080/healthz","passed":5,
     /// "failed":0,"failures_in_a_row":0,"last":"healthy"|"..."|null}`:
@@ -332,6 +362,29 @@ impl Snapshot {
             }
             None => out.push_str("null"),
         }
+        out.push_str(",\"workers\":[");
+        for (i, w) in self.workers.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            let _ = write!(
+                out,
+                "{{\"worker\":{},\"generation\":{},\"pid\":{},\"release\":",
+                w.worker, w.generation, w.pid
+            );
+            json_opt_str(&mut out, w.release.as_deref());
+            out.push_str(",\"state\":");
+            json_str(&mut out, w.state);
+            let _ = write!(
+                out,
+                ",\"ready\":{},\"stopping\":{},\"uptime_ms\":{}}}",
+                w.ready,
+                w.stopping,
+                ms(w.uptime)
+            );
+        }
+        out.push_str("],\"roll\":");
+        json_opt_str(&mut out, self.roll.as_deref());
         out.push_str("}\n");
         out
     }
@@ -467,6 +520,24 @@ impl Snapshot {
             }
             None => out.push_str("last rollback: none\n"),
         }
+        if let Some(roll) = &self.roll {
+            let _ = writeln!(out, "roll: {roll}");
+        }
+        if self.workers.iter().any(|w| w.worker > 0) {
+            let _ = writeln!(out, "workers:");
+            for w in &self.workers {
+                let _ = writeln!(
+                    out,
+                    "  worker {} pid {} generation {}, {}, up {}, release {}",
+                    w.worker,
+                    w.pid,
+                    w.generation,
+                    w.state,
+                    format_duration(round(w.uptime)),
+                    w.release.as_deref().unwrap_or("unknown")
+                );
+            }
+        }
         for (name, address) in &self.listeners {
             let _ = writeln!(out, "listener: {name} {address}");
         }
@@ -547,7 +618,57 @@ mod tests {
                 after_ready: Duration::from_millis(310),
                 reason: "generation 2 (pid 40) exited with status 1".to_owned(),
             }),
+            workers: Vec::new(),
+            roll: None,
         }
+    }
+
+    #[test]
+    fn workers_in_json_and_text() {
+        let mut s = snapshot();
+        s.state = "rolling";
+        s.roll = Some("1 of 2 workers replaced, 1 starting, 0 to go".to_owned());
+        let w = |worker, generation, pid, state, ready, stopping| WorkerInfo {
+            worker,
+            generation,
+            pid,
+            release: Some("/app/v2".to_owned()),
+            state,
+            ready,
+            stopping,
+            uptime: Duration::from_secs(3),
+        };
+        s.workers = vec![
+            w(0, 3, 42, "draining", true, true),
+            w(0, 5, 44, "ready", true, false),
+            w(1, 4, 43, "ready", true, false),
+            w(1, 6, 45, "starting", false, false),
+        ];
+        let json = s.to_json();
+        assert!(
+            json.ends_with(
+                "\"workers\":[{\"worker\":0,\"generation\":3,\"pid\":42,\"release\":\"/app/v2\",\
+                 \"state\":\"draining\",\"ready\":true,\"stopping\":true,\"uptime_ms\":3000},\
+                 {\"worker\":0,\"generation\":5,\"pid\":44,\"release\":\"/app/v2\",\
+                 \"state\":\"ready\",\"ready\":true,\"stopping\":false,\"uptime_ms\":3000},\
+                 {\"worker\":1,\"generation\":4,\"pid\":43,\"release\":\"/app/v2\",\
+                 \"state\":\"ready\",\"ready\":true,\"stopping\":false,\"uptime_ms\":3000},\
+                 {\"worker\":1,\"generation\":6,\"pid\":45,\"release\":\"/app/v2\",\
+                 \"state\":\"starting\",\"ready\":false,\"stopping\":false,\"uptime_ms\":3000}],\
+                 \"roll\":\"1 of 2 workers replaced, 1 starting, 0 to go\"}\n"
+            ),
+            "{json}"
+        );
+        assert_eq!(json.matches('{').count(), json.matches('}').count());
+        let text = s.to_text();
+        assert!(
+            text.contains("roll: 1 of 2 workers replaced, 1 starting, 0 to go\nworkers:\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  worker 1 pid 45 generation 6, starting, up 3s, release /app/v2\n"),
+            "{text}"
+        );
     }
 
     fn on_probation() -> Snapshot {
@@ -590,7 +711,8 @@ mod tests {
         assert!(
             json.ends_with(
                 "\"last_rollback\":{\"generation\":2,\"pid\":40,\"ago_ms\":60000,\
-                 \"after_ready_ms\":310,\"reason\":\"generation 2 (pid 40) exited with status 1\"}}\n"
+                 \"after_ready_ms\":310,\"reason\":\"generation 2 (pid 40) exited with status 1\"},\
+                 \"workers\":[],\"roll\":null}\n"
             ),
             "{json}"
         );
@@ -661,7 +783,10 @@ mod tests {
         assert!(json.contains("\"draining\":[]"), "{json}");
         assert!(json.contains("\"last_upgrade\":null"), "{json}");
         assert!(
-            json.ends_with("\"health\":null,\"watchdog_ms\":null,\"last_rollback\":null}\n"),
+            json.ends_with(
+                "\"health\":null,\"watchdog_ms\":null,\"last_rollback\":null,\"workers\":[],\
+                 \"roll\":null}\n"
+            ),
             "{json}"
         );
         let mut s = String::new();

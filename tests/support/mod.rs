@@ -364,3 +364,80 @@ pub fn wait_server_stderr(server: &ServerProcess, needle: &str, timeout: Duratio
 pub fn final_log(sv: &Supervised) -> String {
     wait_server_stderr(&sv.server, "supervisor exiting", Duration::from_secs(20))
 }
+
+/// `status json` asked on the control socket directly (no client process): the reply, or
+/// why there is none. Cheap enough to poll every few milliseconds.
+pub fn status_over_socket(control: &Path, timeout: Duration) -> Result<String, String> {
+    use std::io::Write;
+    let mut stream = std::os::unix::net::UnixStream::connect(control)
+        .map_err(|e| format!("connect {}: {e}", control.display()))?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(b"status json\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut reply = String::new();
+    stream
+        .read_to_string(&mut reply)
+        .map_err(|e| format!("read: {e}"))?;
+    Ok(reply)
+}
+
+/// One object of the `"workers"` array of `status --json`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerRow {
+    pub worker: usize,
+    pub generation: u64,
+    pub pid: i32,
+    pub state: String,
+    pub ready: bool,
+    pub stopping: bool,
+    pub release: Option<String>,
+}
+
+/// The value of `"key":` in a flat JSON object's text (numbers, booleans, strings without
+/// escapes, null).
+fn json_field<'a>(object: &'a str, key: &str) -> Option<&'a str> {
+    let needle = format!("\"{key}\":");
+    let start = object.find(&needle)? + needle.len();
+    let rest = &object[start..];
+    if let Some(quoted) = rest.strip_prefix('"') {
+        return quoted.find('"').map(|end| &quoted[..end]);
+    }
+    let end = rest.find([',', '}']).unwrap_or(rest.len());
+    Some(rest[..end].trim())
+}
+
+/// The `"workers"` array of a `status --json` reply.
+pub fn workers_of(json: &str) -> Vec<WorkerRow> {
+    let Some(start) = json.find("\"workers\":[") else {
+        return Vec::new();
+    };
+    let body = &json[start + "\"workers\":[".len()..];
+    let Some(end) = body.find(']') else {
+        return Vec::new();
+    };
+    body[..end]
+        .split("},{")
+        .filter(|o| !o.trim().is_empty())
+        .filter_map(|o| {
+            Some(WorkerRow {
+                worker: json_field(o, "worker")?.parse().ok()?,
+                generation: json_field(o, "generation")?.parse().ok()?,
+                pid: json_field(o, "pid")?.parse().ok()?,
+                state: json_field(o, "state")?.to_owned(),
+                ready: json_field(o, "ready")? == "true",
+                stopping: json_field(o, "stopping")? == "true",
+                release: json_field(o, "release")
+                    .filter(|r| *r != "null")
+                    .map(str::to_owned),
+            })
+        })
+        .collect()
+}
+
+/// The workers serving: ready and not told to stop.
+pub fn serving(rows: &[WorkerRow]) -> Vec<&WorkerRow> {
+    rows.iter().filter(|w| w.ready && !w.stopping).collect()
+}

@@ -77,6 +77,10 @@ impl Supervisor {
                 *c = Some(code);
             }
         }
+        if self.pool.is_some() {
+            self.worker_exited(gen, pid, status, ran);
+            return;
+        }
         match gen.role {
             Role::Candidate => {
                 let reason = format!(
@@ -326,6 +330,7 @@ impl Supervisor {
 
     pub(super) fn abandon_upgrades(&mut self) {
         self.refuse_pending("the supervisor is stopping");
+        self.abandon_roll("the supervisor is stopping");
         self.fail_upgrade("the supervisor is stopping".to_owned());
     }
 
@@ -346,14 +351,20 @@ impl Supervisor {
         let was_shutting_down = matches!(self.phase, Phase::ShuttingDown { .. });
         // Without a current generation (it ended during an upgrade), its
         // status is the one to exit with.
+        // With workers, the status of the one current the longest.
+        let longest = self.longest_current();
         let code = code.or_else(|| {
-            self.current.is_none().then(|| {
+            (self.current.is_none() && longest.is_none()).then(|| {
                 self.lost_current
                     .map_or(self.last_crash_code, |(status, _)| exit_code(status))
             })
         });
         self.phase = Phase::Stopping {
-            stop_gen: if code.is_none() { self.current } else { None },
+            stop_gen: if code.is_none() {
+                self.current.or(longest)
+            } else {
+                None
+            },
             code,
         };
         info!(generations = self.gens.len(), "stopping");

@@ -19,6 +19,10 @@
 //!   started) at `--failed-drain-timeout`; the failure is reported once it is
 //!   reaped.
 //!
+//! With `--workers N` (above 1), N generations serve side by side, one per
+//! worker slot, and an upgrade is a roll through the slots (see
+//! `workers.rs`); the roles above are then those of each worker.
+//!
 //! Readiness probes (`--ready exec:`) and health checks (`--health exec:`)
 //! run in a process group of their own, killed as a whole as soon as their
 //! answer no longer matters.
@@ -42,7 +46,7 @@ use super::metrics::Metrics;
 use super::signals::{self, Signals};
 use super::spawn::{describe_command, Release, Spawner};
 use super::status::{
-    GenerationInfo, HealthInfo, OutcomeInfo, ProbationInfo, RollbackInfo, Snapshot,
+    GenerationInfo, HealthInfo, OutcomeInfo, ProbationInfo, RollbackInfo, Snapshot, WorkerInfo,
 };
 use crate::channel::{self, Message};
 use crate::health::Probe;
@@ -59,6 +63,7 @@ mod publish;
 mod readiness;
 mod tree;
 mod upgrades;
+mod workers;
 
 /// Pause between two runs of the `--ready exec:` command.
 const PROBE_INTERVAL: Duration = Duration::from_millis(200);
@@ -133,6 +138,10 @@ impl Drop for AbortOnDrop {
 struct Generation {
     number: u64,
     pid: i32,
+    /// The worker it serves as (`--workers`; 0 with one worker).
+    worker: usize,
+    /// A new worker on probation may be promoted from then on.
+    probation_ends: Option<Instant>,
     role: Role,
     started: Instant,
     ready_at: Option<Instant>,
@@ -323,6 +332,8 @@ struct Supervisor {
     /// The exit being handled is of a generation stopped by a failed
     /// liveness check: restart it whatever its status.
     restart_asked: bool,
+    /// `--workers` above 1: the workers and their roll (see `workers.rs`).
+    pool: Option<workers::Pool>,
     /// `--pid-file`.
     pid_file: Option<PidFile>,
     exit_code: Option<i32>,
@@ -408,6 +419,17 @@ impl Supervisor {
         role: Role,
         release: Option<Rc<Release>>,
     ) -> std::io::Result<i32> {
+        self.spawn_worker(number, role, release, None)
+    }
+
+    /// [`Self::spawn_generation`] as worker `worker` (`HANDOVER_WORKER`).
+    fn spawn_worker(
+        &mut self,
+        number: u64,
+        role: Role,
+        release: Option<Rc<Release>>,
+        worker: Option<usize>,
+    ) -> std::io::Result<i32> {
         let receiver = notify::Receiver::bind()?;
         let (ours, theirs) = channel::pair()?;
         let control = ours.try_clone()?;
@@ -422,6 +444,7 @@ impl Supervisor {
                 theirs.as_fd(),
                 receiver.address(),
                 release.as_deref(),
+                worker,
             )?
         };
         // The child has its copy; ours would keep the channel from ever
@@ -475,6 +498,8 @@ impl Supervisor {
         let mut gen = Generation {
             number,
             pid,
+            worker: worker.unwrap_or(0),
+            probation_ends: None,
             role,
             started: now,
             ready_at: None,
@@ -507,6 +532,7 @@ impl Supervisor {
         info!(
             generation = number,
             pid,
+            worker,
             command = %self.cmd(),
             sockets = self.registry.handoff().len(),
             release = %release.as_ref().map_or("unknown".into(), |r| r.path.display().to_string()),
@@ -650,6 +676,15 @@ impl Supervisor {
 
     fn forward(&self, signo: i32) {
         let name = signals::name(signo);
+        if self.pool.is_some() {
+            for pid in self.worker_pids() {
+                info!(signal = %name, pid, "signal forwarded to a worker");
+                if let Err(e) = sys::send_signal_number(pid, signo) {
+                    warn!(signal = %name, pid, error = %e, "cannot forward signal");
+                }
+            }
+            return;
+        }
         match self.current.and_then(|c| self.gen_pid(c)) {
             Some(pid) => {
                 info!(signal = %name, pid, "signal forwarded");
@@ -700,6 +735,7 @@ impl Supervisor {
             .flatten()
             .chain(phase)
             .chain(self.probation_deadline())
+            .chain(self.pool_deadline())
             .min()
     }
 
@@ -759,7 +795,11 @@ impl Supervisor {
                         "generation {number} (pid {pid}) was not ready within {} (--ready-timeout)",
                         format_duration(self.cfg.ready_timeout)
                     );
-                    self.fail_upgrade(reason);
+                    if self.pool.is_some() {
+                        self.worker_failed(number, reason);
+                    } else {
+                        self.fail_upgrade(reason);
+                    }
                 } else {
                     self.kill_probe(number, "the ready timeout has passed");
                     warn!(
@@ -778,6 +818,7 @@ impl Supervisor {
             }
         }
         self.probation_timer(now);
+        self.pool_timer(now);
         match self.phase {
             Phase::Restarting { at } if at <= now => self.restart(),
             Phase::ShuttingDown { stop_at } if stop_at <= now => {
@@ -791,7 +832,11 @@ impl Supervisor {
     fn check_done(&mut self) {
         if let Phase::Stopping { code, .. } = self.phase {
             // Killed probes are reaped too: nothing we started outlives us.
-            if self.gens.is_empty() && self.upgrade.is_none() && self.probes.is_empty() {
+            if self.gens.is_empty()
+                && self.upgrade.is_none()
+                && !self.rolling()
+                && self.probes.is_empty()
+            {
                 self.exit_code = Some(code.unwrap_or(0));
             }
         }
@@ -810,9 +855,22 @@ impl Supervisor {
             stopping_for: g.stop_sent_at.map(|s| now - s),
             kill_in: g.kill_at.map(|k| k.saturating_duration_since(now)),
         };
-        let current = self.current.and_then(|c| self.gens.get(&c));
+        let current = self
+            .current
+            .or_else(|| self.pool.as_ref().and_then(|p| p.slots[0].current))
+            .and_then(|c| self.gens.get(&c));
         let on_probation = self.upgrade.as_ref().is_some_and(|u| u.probation.is_some());
+        let all_ready = self.pool.as_ref().is_some_and(|p| {
+            p.slots.iter().all(|s| {
+                s.current
+                    .and_then(|c| self.gens.get(&c))
+                    .is_some_and(|g| g.ready_at.is_some())
+            })
+        });
         let state = match self.phase {
+            Phase::Running if self.roll_info().is_some() => "rolling",
+            Phase::Running if self.pool.is_some() && all_ready => "serving",
+            Phase::Running if self.pool.is_some() => "starting",
             Phase::Running if on_probation => "probation",
             Phase::Running if self.upgrade.is_some() => "upgrading",
             Phase::Running if current.is_some_and(|g| g.ready_at.is_some()) => "serving",
@@ -868,6 +926,8 @@ impl Supervisor {
                 after_ready: r.after_ready,
                 reason: r.reason.clone(),
             }),
+            workers: self.workers_info(now),
+            roll: self.roll_info(),
         }
     }
 
@@ -1040,6 +1100,7 @@ pub(crate) fn run(cfg: RunConfig) -> Result<i32, Error> {
             previous_release: None,
             pinned_release: None,
             restart_asked: false,
+            pool: (cfg.workers > 1).then(|| workers::Pool::new(cfg.workers)),
             pid_file: cfg.pid_file.clone().map(PidFile::new),
             exit_code: None,
             metrics: Metrics::new(),
@@ -1074,13 +1135,22 @@ pub(crate) fn run(cfg: RunConfig) -> Result<i32, Error> {
             }
             admin => admin.and_then(Result::ok).map(AbortOnDrop),
         };
-        match sup.spawn_generation(1, Role::Current, None) {
-            Ok(_) => {
+        let started = if sup.pool.is_some() {
+            sup.start_workers()
+        } else {
+            sup.spawn_generation(1, Role::Current, None).map(|_| ())
+        };
+        match started {
+            Ok(()) if sup.pool.is_some() => {}
+            Ok(()) => {
                 sup.current = Some(1);
                 sup.current_release = sup.gens.get(&1).and_then(|g| g.release.clone());
                 sup.write_pid_file();
             }
             Err(source) => {
+                for gen in sup.gens.values() {
+                    sup.kill_tree(gen.number, gen.pid);
+                }
                 sup.registry.unlink_unix_paths(false);
                 return Err(Error::Spawn {
                     command: sup.cmd(),
@@ -1088,7 +1158,7 @@ pub(crate) fn run(cfg: RunConfig) -> Result<i32, Error> {
                 });
             }
         }
-        sup.next_number = 2;
+        sup.next_number = sup.next_number.max(2);
         loop {
             sup.on_timer();
             sup.maybe_start_upgrade();

@@ -423,6 +423,10 @@ impl Supervisor {
     /// Generation `number` is unhealthy: on probation it is rolled back;
     /// the current one is restarted (liveness); otherwise nothing.
     pub(super) fn unhealthy(&mut self, number: u64, reason: String) {
+        if self.pool.is_some() {
+            self.worker_unhealthy(number, reason);
+            return;
+        }
         if self.on_probation() == Some(number) {
             self.fail_probation(&reason);
             return;
@@ -473,7 +477,8 @@ impl Supervisor {
                     pid, reason, "the app says it is unhealthy"
                 );
                 let why = format!("the app says it is unhealthy: {reason}");
-                if self.on_probation() == Some(number) {
+                let worker_on_probation = self.pool.is_some() && gen.role == Role::Probation;
+                if self.on_probation() == Some(number) || worker_on_probation {
                     self.unhealthy(number, why);
                 } else {
                     self.record_result(number, Err(why));

@@ -9,7 +9,11 @@ impl Supervisor {
     /// Publishes the gauges of this turn of the loop; after a stop signal,
     /// the first turn that handles it flips `ready` off.
     pub(super) fn publish_metrics(&self) {
-        let current = self.current.and_then(|c| self.gens.get(&c));
+        // With --workers: the worker current the longest.
+        let current = self
+            .current
+            .or_else(|| self.longest_current())
+            .and_then(|c| self.gens.get(&c));
         let stopping = matches!(
             self.phase,
             Phase::ShuttingDown { .. } | Phase::Stopping { .. }
@@ -22,7 +26,7 @@ impl Supervisor {
             ready,
             stopping,
             draining: self.draining_count(),
-            upgrading: self.upgrade.is_some(),
+            upgrading: self.upgrade.is_some() || self.rolling(),
             crash_restarts: self.restarts,
         });
     }

@@ -25,6 +25,7 @@ impl Supervisor {
         self.on_ready_checks(number, role, now);
         self.metrics.ready(ready_after);
         match role {
+            Role::Candidate if self.pool.is_some() => self.worker_ready(number, ready_after),
             Role::Candidate => self.candidate_ready(number, ready_after),
             _ => {
                 info!(

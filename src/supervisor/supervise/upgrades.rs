@@ -22,6 +22,15 @@ impl Supervisor {
             }
             return;
         }
+        if self.rolling() {
+            info!("rolling upgrade in progress; another one will follow it");
+            if let Some(w) = &waiter {
+                let _ = w.send(
+                    "waiting: a rolling upgrade is in progress; this one starts after it"
+                        .to_owned(),
+                );
+            }
+        }
         if let Some(up) = &self.upgrade {
             let line = format!(
                 "waiting: generation {} is being started by an earlier trigger; this upgrade \
@@ -63,7 +72,7 @@ impl Supervisor {
     }
 
     pub(super) fn maybe_start_upgrade(&mut self) {
-        if self.phase != Phase::Running || self.upgrade.is_some() {
+        if self.phase != Phase::Running || self.upgrade.is_some() || self.rolling() {
             return;
         }
         let draining = self.draining_count();
@@ -91,7 +100,11 @@ impl Supervisor {
         let Some(pending) = self.pending.take() else {
             return;
         };
-        self.start_upgrade(pending);
+        if self.pool.is_some() {
+            self.start_roll(pending);
+        } else {
+            self.start_upgrade(pending);
+        }
     }
 
     pub(super) fn start_upgrade(&mut self, pending: Pending) {
