@@ -27,20 +27,14 @@ use std::time::{Duration, Instant};
 
 use common::load::{get, FailureClass, Load, LoadConfig, Mode};
 use common::{is_alive, wait_for, Exit, Signal};
-use support::{handover, run_with_deadline, wait_stderr, Output, Supervised, TempDir, Tier};
+use support::{
+    free_port, handover, python, run_with_deadline, wait_stderr, Output, Supervised, TempDir, Tier,
+};
 
 const T: Duration = Duration::from_secs(20);
 
 fn plain_server() -> PathBuf {
     common::example_path("plain_server")
-}
-
-/// A port of 127.0.0.1 that was free a moment ago (from :0).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a port from :0")
-        .port()
 }
 
 /// Deploys a release at `path`: a bash script that runs `plain_server` with `extra`
@@ -437,24 +431,6 @@ fn a_crash_looping_release_falls_back_to_the_previous_one() {
         .contains("--crash-after-ready-ms"));
     sv.signal(Signal::SIGTERM);
     assert_eq!(sv.wait_exit(T), Exit::Code(0), "{}", sv.server.dump());
-}
-
-/// The real python3, or `None` (a failure in CI).
-fn python() -> Option<PathBuf> {
-    let out = Command::new("python3")
-        .args(["-c", "import sys; print(sys.executable)"])
-        .output()
-        .ok()?;
-    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    if path.is_file() {
-        return Some(path);
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "skipping: no python3 (in CI)"
-    );
-    eprintln!("skipping: no python3");
-    None
 }
 
 #[test]

@@ -35,22 +35,14 @@ use std::time::Duration;
 use common::load::{get, FailureClass, Load, LoadConfig, Mode};
 use common::{wait_for, Exit, Signal};
 use support::{
-    handover, run_with_deadline, serving, status_over_socket, workers_of, Output, Supervised,
-    TempDir, Tier, WorkerRow,
+    free_port, handover, python, run_with_deadline, serving, status_over_socket, workers_of,
+    Output, Supervised, TempDir, Tier, WorkerRow,
 };
 
 const T: Duration = Duration::from_secs(20);
 
 fn plain_server() -> PathBuf {
     common::example_path("plain_server")
-}
-
-/// A port of 127.0.0.1 that was free a moment ago (from :0).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a port from :0")
-        .port()
 }
 
 /// Deploys release `tag` at `path`: a bash script that exports `RELEASE=tag` and runs
@@ -550,24 +542,6 @@ fn max_surge_2_starts_two_new_workers_at_once_under_load() {
         report.assert_no_failures();
     }
     p.stop();
-}
-
-/// The real python3, or `None` (a failure in CI).
-fn python() -> Option<PathBuf> {
-    let out = Command::new("python3")
-        .args(["-c", "import sys; print(sys.executable)"])
-        .output()
-        .ok()?;
-    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    if path.is_file() {
-        return Some(path);
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "skipping: no python3 (in CI)"
-    );
-    eprintln!("skipping: no python3");
-    None
 }
 
 #[test]

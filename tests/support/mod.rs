@@ -441,3 +441,30 @@ pub fn workers_of(json: &str) -> Vec<WorkerRow> {
 pub fn serving(rows: &[WorkerRow]) -> Vec<&WorkerRow> {
     rows.iter().filter(|w| w.ready && !w.stopping).collect()
 }
+
+/// The real python3 (not a shim script), or `None` with the reason the test
+/// is skipped; under CI (`CI` set) a missing python3 is a failure.
+pub fn python() -> Option<PathBuf> {
+    let out = Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .ok()?;
+    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    if path.is_file() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "skipping: no python3 (in CI)"
+    );
+    eprintln!("skipping: no python3");
+    None
+}
+
+/// A port of 127.0.0.1 that was free a moment ago (from :0).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a port from :0")
+        .port()
+}
