@@ -18,7 +18,9 @@
 //! WebSocket gets a close frame 1001 "going away" (its client reconnects to the new
 //! generation); without it a WebSocket stays until it ends or the drain timeout cuts it.
 //! The `101` answer of `GET /ws` carries `x-generation: <n>`. `--idle-grace-ms N` sets
-//! `Serve::idle_grace` (500).
+//! `Serve::idle_grace` (500). `--no-handoff` sets `Serve::connection_handoff(false)`: idle
+//! keep-alive connections are closed gracefully at an upgrade instead of handed to the new
+//! generation.
 
 #[path = "shared/app.rs"]
 #[allow(dead_code)] // the hyper handler is not used here, only the flags and the ready line
@@ -40,12 +42,14 @@ struct Args {
     options: Options,
     websocket_going_away: bool,
     idle_grace: Option<std::time::Duration>,
+    handoff: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut options = Options::default();
     let mut websocket_going_away = false;
     let mut idle_grace = None;
+    let mut handoff = true;
     let common = app::parse_args(|flag, value| {
         if let Some(with_probation) = probation::flag(&options, flag, value)? {
             options = with_probation;
@@ -62,6 +66,10 @@ fn parse_args() -> Result<Args, String> {
                 idle_grace = Some(value.ms()?);
                 return Ok(true);
             }
+            "--no-handoff" => {
+                handoff = false;
+                return Ok(true);
+            }
             _ => return Ok(false),
         };
         Ok(true)
@@ -72,6 +80,7 @@ fn parse_args() -> Result<Args, String> {
         options,
         websocket_going_away,
         idle_grace,
+        handoff,
     })
 }
 
@@ -113,7 +122,8 @@ async fn serve(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         app::crash_after_ready(args.common.crash_after_ready);
     }
     let mut serve = handover::serve::axum(&handover, listener, app)
-        .websocket_going_away(args.websocket_going_away);
+        .websocket_going_away(args.websocket_going_away)
+        .connection_handoff(args.handoff);
     if let Some(grace) = args.idle_grace {
         serve = serve.idle_grace(grace);
     }

@@ -24,13 +24,16 @@
 //! 200), `--crash-after-ready-ms N` (exits 1 N ms after it is ready), and
 //! for probation (`Options::probation`): `--probation-ms N` (0),
 //! `--health-path PATH` (an HTTP check of `GET PATH` on the listener's
-//! address), `--health-interval-ms N` (500), `--health-threshold N` (3).
+//! address), `--health-interval-ms N` (500), `--health-threshold N` (3),
+//! `--no-handoff` (`Serve::connection_handoff(false)`: keep-alive clients
+//! reconnect at every upgrade instead of keeping their connection),
+//! `--idle-grace-ms N` (`Serve::idle_grace`, 500).
 //!
-//! The server is `handover::serve::hyper`, which drains without losing a
-//! request: HTTP/1 responses get `Connection: close` once the generation
-//! winds down, so clients reconnect (to the new generation) between
-//! requests; a connection still open after a short grace is closed by hyper's
-//! graceful shutdown, which for HTTP/2 sends GOAWAY; then the drain.
+//! The server is `handover::serve::hyper`, which loses no request at an
+//! upgrade: idle HTTP/1 keep-alive connections are handed to the new
+//! generation (the client keeps its connection); with `--no-handoff`, and
+//! for HTTP/2, they are closed gracefully (`Connection: close`, GOAWAY), so
+//! clients reconnect to the new generation between requests; then the drain.
 
 #[path = "shared/app.rs"]
 mod app;
@@ -51,11 +54,14 @@ struct Args {
     common: app::CommonArgs,
     child_probe: bool,
     upgrade_endpoint: bool,
+    handoff: bool,
+    idle_grace: Option<std::time::Duration>,
     options: Options,
 }
 
 fn parse_args() -> Result<Args, String> {
-    let (mut child_probe, mut upgrade_endpoint) = (false, false);
+    let (mut child_probe, mut upgrade_endpoint, mut handoff) = (false, false, true);
+    let mut idle_grace = None;
     let mut options = Options::default();
     let common = app::parse_args(|flag, value| {
         options = match flag {
@@ -75,6 +81,14 @@ fn parse_args() -> Result<Args, String> {
                 upgrade_endpoint = true;
                 return Ok(true);
             }
+            "--no-handoff" => {
+                handoff = false;
+                return Ok(true);
+            }
+            "--idle-grace-ms" => {
+                idle_grace = Some(value.ms()?);
+                return Ok(true);
+            }
             _ => return Ok(false),
         };
         Ok(true)
@@ -84,6 +98,8 @@ fn parse_args() -> Result<Args, String> {
         common,
         child_probe,
         upgrade_endpoint,
+        handoff,
+        idle_grace,
         options,
     })
 }
@@ -140,7 +156,12 @@ async fn serve(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     });
     let service = service_fn(move |req| app::respond(req, app.clone()));
     // Until this generation stops (waiting while it is parked), then the drain.
-    let report = handover::serve::hyper(&handover, listener, service).await;
+    let mut serve =
+        handover::serve::hyper(&handover, listener, service).connection_handoff(args.handoff);
+    if let Some(grace) = args.idle_grace {
+        serve = serve.idle_grace(grace);
+    }
+    let report = serve.await;
     info!(?report, "exiting");
     Ok(())
 }

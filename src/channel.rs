@@ -12,9 +12,12 @@
 //! | `promoted` | the starter | probation passed: it is the current generation |
 //! | `park` | the starter | stop accepting, wind connections down, keep listeners and state |
 //! | `resume` | the starter | accept again |
-//! | `offer <id> <state>` + an fd | the old generation | a live connection, with the app's bytes for it (binary) |
-//! | `adopted <id>` | the new generation | it serves that connection now: the old one lets go of it |
-//! | `declined <id>` | the new generation | it does not: the old one goes on serving it |
+//! | `offer <id> <state>` + an fd | the old generation | a live connection the app registered, with the app's bytes for it (binary) |
+//! | `offer-http <id> <bytes>` + an fd | the old generation | an idle HTTP connection of `serve`, with the bytes read but not parsed yet (binary) |
+//! | `adopted <id>` | the new generation | prepared: it holds that connection, and reads nothing from it until the commit |
+//! | `declined <id>` | the new generation | it does not take it: the old one goes on serving it |
+//! | `commit <id>` | the old generation | the connection is the new generation's: the old one has let go |
+//! | `abort <id>` | the old generation | the old generation serves it on: the new one drops its copy |
 //!
 //! End of file means the other side is gone. Unknown messages are ignored,
 //! so that either side may be newer.
@@ -40,10 +43,15 @@ pub(crate) enum Message {
     Promoted,
     Park,
     Resume,
-    /// A connection offered to the next generation (the fd travels beside).
+    /// A connection the app registered, offered to the next generation
+    /// (the fd travels beside).
     Offer(u64, Vec<u8>),
+    /// An idle HTTP connection of `serve`, with its unparsed bytes.
+    OfferHttp(u64, Vec<u8>),
     Adopted(u64),
     Declined(u64),
+    Commit(u64),
+    Abort(u64),
 }
 
 impl Message {
@@ -65,23 +73,37 @@ impl Message {
             Message::Promoted => "promoted".to_owned(),
             Message::Park => "park".to_owned(),
             Message::Resume => "resume".to_owned(),
-            Message::Offer(id, state) => {
-                let mut bytes = format!("offer {id} ").into_bytes();
+            Message::Offer(id, state) | Message::OfferHttp(id, state) => {
+                let word = if matches!(self, Message::Offer(..)) {
+                    "offer"
+                } else {
+                    "offer-http"
+                };
+                let mut bytes = format!("{word} {id} ").into_bytes();
                 bytes.extend_from_slice(state);
                 return bytes;
             }
             Message::Adopted(id) => format!("adopted {id}"),
             Message::Declined(id) => format!("declined {id}"),
+            Message::Commit(id) => format!("commit {id}"),
+            Message::Abort(id) => format!("abort {id}"),
         };
         text.into_bytes()
     }
 
     /// `None` for a message this version does not know.
     pub(crate) fn decode(bytes: &[u8]) -> Option<Message> {
-        if let Some(rest) = bytes.strip_prefix(b"offer ") {
-            let space = rest.iter().position(|b| *b == b' ')?;
-            let id = std::str::from_utf8(&rest[..space]).ok()?.parse().ok()?;
-            return Some(Message::Offer(id, rest[space + 1..].to_vec()));
+        for (prefix, http) in [(&b"offer "[..], false), (&b"offer-http "[..], true)] {
+            if let Some(rest) = bytes.strip_prefix(prefix) {
+                let space = rest.iter().position(|b| *b == b' ')?;
+                let id = std::str::from_utf8(&rest[..space]).ok()?.parse().ok()?;
+                let state = rest[space + 1..].to_vec();
+                return Some(if http {
+                    Message::OfferHttp(id, state)
+                } else {
+                    Message::Offer(id, state)
+                });
+            }
         }
         let text = std::str::from_utf8(bytes).ok()?;
         let (word, rest) = text.split_once(' ').unwrap_or((text, ""));
@@ -95,6 +117,8 @@ impl Message {
             "resume" => Message::Resume,
             "adopted" => Message::Adopted(rest.parse().ok()?),
             "declined" => Message::Declined(rest.parse().ok()?),
+            "commit" => Message::Commit(rest.parse().ok()?),
+            "abort" => Message::Abort(rest.parse().ok()?),
             _ => return None,
         })
     }
@@ -182,6 +206,39 @@ impl Receiver {
         self.fd.get_ref().as_fd()
     }
 
+    /// Sends one message with an fd (`SCM_RIGHTS`), waiting while the
+    /// channel is full (a thousand offers in a row fill it).
+    pub(crate) async fn send_with_fd(
+        &self,
+        message: &Message,
+        passed: BorrowedFd<'_>,
+    ) -> io::Result<()> {
+        loop {
+            let mut guard = self.fd.writable().await?;
+            match guard.try_io(|fd| {
+                use std::os::fd::AsFd;
+                send_with_fd(fd.get_ref().as_fd(), message, passed)
+            }) {
+                Ok(result) => return result,
+                Err(_would_block) => {}
+            }
+        }
+    }
+
+    /// Sends one message, waiting while the channel is full.
+    pub(crate) async fn send(&self, message: &Message) -> io::Result<()> {
+        loop {
+            let mut guard = self.fd.writable().await?;
+            match guard.try_io(|fd| {
+                use std::os::fd::AsFd;
+                send(fd.get_ref().as_fd(), message)
+            }) {
+                Ok(result) => return result,
+                Err(_would_block) => {}
+            }
+        }
+    }
+
     /// The next message this version knows; `None` at end of file. An fd
     /// passed with a message is closed.
     pub(crate) async fn recv(&self) -> io::Result<Option<Message>> {
@@ -258,6 +315,13 @@ mod tests {
             Message::Promoted,
             Message::Park,
             Message::Resume,
+            Message::Offer(7, b"a b\n\0".to_vec()),
+            Message::OfferHttp(8, b"GET / HTTP/1.1\r\n".to_vec()),
+            Message::Offer(9, Vec::new()),
+            Message::Adopted(7),
+            Message::Declined(8),
+            Message::Commit(7),
+            Message::Abort(9),
         ] {
             assert_eq!(Message::decode(&m.encode()), Some(m));
         }

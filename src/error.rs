@@ -108,6 +108,15 @@ pub enum Error {
         /// How long after its ready it failed.
         after_ready: Duration,
     },
+    /// The new generation went away while it was adopting this
+    /// generation's live connections (before their commit). This generation
+    /// resumed serving, every connection with it; the new one was stopped.
+    HandoffFailed {
+        /// The new generation's pid.
+        pid: i32,
+        /// What failed.
+        reason: String,
+    },
     /// This generation is on probation (a previous generation may still
     /// roll back to itself): it starts no upgrade until promoted.
     OnProbation,
@@ -265,6 +274,11 @@ impl fmt::Display for Error {
                 "the new generation (pid {pid}) failed its probation {} ms after it was ready: \
                  {reason}; rolled back, the old generation serves again",
                 after_ready.as_millis()
+            ),
+            Error::HandoffFailed { pid, reason } => write!(
+                f,
+                "the new generation (pid {pid}) failed during the handover of live \
+                 connections: {reason}; rolled back, the old generation serves again"
             ),
             Error::OnProbation => write!(
                 f,

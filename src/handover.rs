@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 use crate::channel::{self, Message};
 use crate::drain::{DrainReport, Stop, Watch};
 use crate::error::{Error, Result};
-use crate::handoff::{Adoptions, Successor};
+use crate::handoff::{Adoptions, Moves, Successor};
 use crate::lifecycle::Lifecycle;
 use crate::listen::{BindOptions, Registry};
 use crate::listener::Listener;
@@ -60,6 +60,9 @@ pub(crate) struct Inner {
     pub(crate) successor: Successor,
     /// Live connections the previous generation handed over.
     pub(crate) adoptions: Adoptions,
+    /// The connections of this generation's `serve`s, handed over at an
+    /// upgrade.
+    pub(crate) moves: Moves,
     /// What the lifecycle counted, for [`Handover::metrics`].
     pub(crate) counters: Counters,
     pub(crate) started_at: std::time::SystemTime,
@@ -263,6 +266,7 @@ impl Handover {
                 counters: Counters::default(),
                 successor: Successor::default(),
                 adoptions: Adoptions::default(),
+                moves: Moves::default(),
                 started_at: std::time::SystemTime::now(),
                 control_reader: AtomicBool::new(false),
                 started: Instant::now(),
@@ -314,16 +318,29 @@ impl Handover {
         };
         let lifecycle = self.inner.lifecycle.clone();
         let handover = self.clone();
+        let receiver = Arc::new(receiver);
         tokio::spawn(async move {
             loop {
-                let received = receiver.recv_with_fd().await;
-                let received = match received {
-                    Ok(Some((Message::Offer(id, state), fd))) => {
-                        let answer = handover.inner.adoptions.offer(id, fd, state);
-                        if let Err(e) = channel::send(receiver.as_fd(), &answer) {
-                            debug!(error = %e, "cannot answer a connection offer");
-                        }
+                let received = match receiver.recv_with_fd().await {
+                    Ok(Some((Message::Offer(id, bytes), fd))) => {
+                        handover.answer_offer(&receiver, id, false, fd, bytes);
                         continue;
+                    }
+                    Ok(Some((Message::OfferHttp(id, bytes), fd))) => {
+                        handover.answer_offer(&receiver, id, true, fd, bytes);
+                        continue;
+                    }
+                    Ok(Some((Message::Commit(id), _))) => {
+                        handover.inner.adoptions.commit(id);
+                        continue;
+                    }
+                    Ok(Some((Message::Abort(id), _))) => {
+                        handover.inner.adoptions.abort(id);
+                        continue;
+                    }
+                    Ok(None) => {
+                        handover.inner.adoptions.orphaned();
+                        Ok(None)
                     }
                     other => other.map(|m| m.map(|(message, _)| message)),
                 };
@@ -350,6 +367,27 @@ impl Handover {
                         return;
                     }
                 }
+            }
+        });
+    }
+
+    /// Answers an offer of the previous generation, in a task of its own
+    /// when it has to wait (for a `serve` to start): the channel reader goes
+    /// on meanwhile.
+    fn answer_offer(
+        &self,
+        receiver: &Arc<channel::Receiver>,
+        id: u64,
+        http: bool,
+        fd: Option<OwnedFd>,
+        bytes: Vec<u8>,
+    ) {
+        let handover = self.clone();
+        let receiver = receiver.clone();
+        tokio::spawn(async move {
+            let answer = handover.inner.adoptions.offer(id, http, fd, bytes).await;
+            if let Err(e) = receiver.send(&answer).await {
+                debug!(error = %e, "cannot answer a connection offer");
             }
         });
     }
@@ -635,11 +673,15 @@ impl Handover {
             lifecycle.settled()
         );
         self.inner.counters.drained(report.elapsed);
+        let (accepted, adopted, handed_over) = self.inner.counters.connections();
         if report.completed {
             info!(
                 generation,
                 in_flight = report.cut,
                 duration_ms = report.elapsed.as_millis() as u64,
+                connections_accepted = accepted,
+                connections_adopted = adopted,
+                connections_handed_over = handed_over,
                 "drain complete"
             );
         } else {

@@ -141,7 +141,7 @@ impl Lifecycle {
                 pid = std::process::id(),
                 "{}",
                 if parked {
-                    "parked: accepting nothing new while the new generation is on probation"
+                    "parked: accepting nothing new while the new generation takes over"
                 } else {
                     "resumed: accepting again"
                 }

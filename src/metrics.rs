@@ -50,6 +50,13 @@ pub struct Metrics {
     pub in_flight: usize,
     /// Parked now (a new generation is on probation beside it).
     pub parked: bool,
+    /// Connections `serve` accepted.
+    pub connections_accepted: u64,
+    /// Live connections the previous generation handed over, taken here
+    /// (by `serve` or [`Handover::adopt`]).
+    pub connections_adopted: u64,
+    /// Live connections `serve` handed to the next generation.
+    pub connections_handed_over: u64,
 }
 
 /// A count and a sum, as a Prometheus summary without quantiles.
@@ -74,6 +81,9 @@ struct Counted {
     rollbacks: BTreeMap<&'static str, u64>,
     ready: Summary,
     drain: Option<Duration>,
+    accepted: u64,
+    adopted: u64,
+    handed_over: u64,
 }
 
 /// The outcome label of an upgrade's result.
@@ -112,6 +122,24 @@ impl Counters {
     pub(crate) fn drained(&self, took: Duration) {
         lock(&self.inner).drain = Some(took);
     }
+
+    pub(crate) fn accepted(&self) {
+        lock(&self.inner).accepted += 1;
+    }
+
+    pub(crate) fn adopted(&self) {
+        lock(&self.inner).adopted += 1;
+    }
+
+    pub(crate) fn handed_over(&self, n: usize) {
+        lock(&self.inner).handed_over += n as u64;
+    }
+
+    /// Accepted, adopted, handed over.
+    pub(crate) fn connections(&self) -> (u64, u64, u64) {
+        let c = lock(&self.inner);
+        (c.accepted, c.adopted, c.handed_over)
+    }
 }
 
 impl Handover {
@@ -133,6 +161,9 @@ impl Handover {
             draining_generations: self.draining_count(),
             in_flight: watch.in_flight(),
             parked: watch.is_parked(),
+            connections_accepted: counted.accepted,
+            connections_adopted: counted.adopted,
+            connections_handed_over: counted.handed_over,
         }
     }
 }
@@ -231,7 +262,29 @@ impl fmt::Display for Metrics {
             "handover_parked",
             "1 while parked beside a generation on probation.",
             u8::from(self.parked).into(),
-        )
+        )?;
+        for (name, help, value) in [
+            (
+                "handover_connections_accepted_total",
+                "Connections serve accepted.",
+                self.connections_accepted,
+            ),
+            (
+                "handover_connections_adopted_total",
+                "Live connections taken over from the previous generation.",
+                self.connections_adopted,
+            ),
+            (
+                "handover_connections_handed_over_total",
+                "Live connections handed to the next generation.",
+                self.connections_handed_over,
+            ),
+        ] {
+            writeln!(f, "# HELP {name} {help}")?;
+            writeln!(f, "# TYPE {name} counter")?;
+            writeln!(f, "{name} {value}")?;
+        }
+        Ok(())
     }
 }
 
@@ -263,6 +316,9 @@ mod tests {
             draining_generations: 1,
             in_flight: 4,
             parked: false,
+            connections_accepted: 5,
+            connections_adopted: 6,
+            connections_handed_over: 7,
         };
         let text = metrics.to_string();
         for line in [
@@ -276,6 +332,9 @@ mod tests {
             "handover_time_to_ready_seconds_count 1",
             "handover_draining_generations 1",
             "handover_in_flight 4",
+            "handover_connections_accepted_total 5",
+            "handover_connections_adopted_total 6",
+            "handover_connections_handed_over_total 7",
         ] {
             assert!(text.lines().any(|l| l == line), "{line:?} in:\n{text}");
         }

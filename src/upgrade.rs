@@ -13,6 +13,7 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::channel::{self, Message};
 use crate::error::{Error, Result};
+use crate::handoff::Link;
 use crate::handover::{lock, Handover};
 use crate::lifecycle::UpgradeSlot;
 use crate::probation::Verdict;
@@ -273,10 +274,23 @@ impl Handover {
                 // A generation serves on our sockets now: they are no longer
                 // ours alone to clean up.
                 slot.mark_replaced();
-                let probation = self.promote(&mut child, &control, ready_after).await?;
-                child.detach();
+                // `serve`'s connections stay open (not wound down) for the
+                // handover after the probation, if any.
+                let hold = inner.moves.wanted().then(|| inner.moves.hold());
+                let probation = self
+                    .probation_phase(&mut child, &control, ready_after)
+                    .await?;
                 // Kept, so that live connections can be handed to it.
-                inner.successor.attach(control);
+                let link = Link::attach(control);
+                inner.successor.set(link.clone());
+                if hold.is_some() {
+                    self.hand_connections_over(&mut child, &link).await?;
+                }
+                drop(hold);
+                if let Err(e) = channel::send(link.channel().as_fd(), &Message::Promoted) {
+                    debug!(pid, error = %e, "cannot tell the new generation it is promoted");
+                }
+                child.detach();
                 Ok(Upgraded {
                     pid,
                     generation: inner.generation.saturating_add(1),
@@ -339,11 +353,42 @@ impl Handover {
         }
     }
 
+    /// The last step before this generation stops: its `serve`s hand their
+    /// idle connections to the new generation (parked meanwhile, so that
+    /// new connections go to the new one). If the new generation goes away
+    /// before the commit, the upgrade fails: this generation resumes with
+    /// every connection, the new one is stopped.
+    async fn hand_connections_over(&self, child: &mut Child, link: &Link) -> Result<()> {
+        let lifecycle = &self.inner.lifecycle;
+        let pid = child.pid();
+        lifecycle.park(true);
+        match self.inner.moves.transfer(link).await {
+            Ok(report) => {
+                self.inner.counters.handed_over(report.moved);
+                Ok(())
+            }
+            Err(report) => {
+                lifecycle.park(false);
+                self.write_pid_file();
+                let reason = format!(
+                    "it went away while adopting connections ({} kept here)",
+                    report.lost
+                );
+                warn!(
+                    pid,
+                    reason, "handover failed: rolled back, this generation serves again"
+                );
+                self.stop_failed(child, "it failed while adopting connections")
+                    .await;
+                Err(Error::HandoffFailed { pid, reason })
+            }
+        }
+    }
+
     /// After the new generation is ready: its probation, if any (this
-    /// generation parked meanwhile), then its promotion. Returns the time
-    /// spent on probation; on a failure this generation has resumed and the
-    /// new one is stopped.
-    async fn promote(
+    /// generation parked meanwhile). Returns the time spent on probation; on
+    /// a failure this generation has resumed and the new one is stopped.
+    async fn probation_phase(
         &self,
         child: &mut Child,
         control: &channel::Receiver,
@@ -394,9 +439,7 @@ impl Handover {
                 }
             }
         }
-        if let Err(e) = channel::send(control.as_fd(), &Message::Promoted) {
-            debug!(pid, error = %e, "cannot tell the new generation it is promoted");
-        }
+        let _ = (control, pid);
         Ok(ready_at.elapsed())
     }
 

@@ -60,18 +60,6 @@ impl App {
     }
 }
 
-/// Seconds since midnight of the first log line containing `needle` (the
-/// RFC 3339 timestamp tracing puts first).
-fn timestamp(log: &str, needle: &str) -> Option<f64> {
-    let line = log.lines().find(|l| l.contains(needle))?;
-    let time = line.split_whitespace().next()?.split('T').nth(1)?;
-    let mut parts = time.trim_end_matches('Z').split(':');
-    let h: f64 = parts.next()?.parse().ok()?;
-    let m: f64 = parts.next()?.parse().ok()?;
-    let s: f64 = parts.next()?.parse().ok()?;
-    Some(h * 3600.0 + m * 60.0 + s)
-}
-
 fn pid_in(path: &Path) -> Option<i32> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
@@ -135,9 +123,10 @@ fn a_good_release_is_promoted_after_probation_under_load() {
     // By the processes' own log clocks: promoted after the 2 s window, and
     // the old generation done by probation + drain.
     let stderr = app.server.stderr();
-    let ready = timestamp(&stderr, "ready generation=2").expect("ready line");
-    let passed = timestamp(&stderr, "probation passed").expect("promotion line");
-    let drained = timestamp(&stderr, "drain complete generation=1").expect("drain line");
+    let ready = common::log_timestamp(&stderr, "ready generation=2").expect("ready line");
+    let passed = common::log_timestamp(&stderr, "probation passed").expect("promotion line");
+    let drained =
+        common::log_timestamp(&stderr, "drain complete generation=1").expect("drain line");
     assert!(
         passed - ready >= 1.99,
         "promoted {:.3} s after ready, before the 2 s probation",
@@ -166,8 +155,9 @@ fn an_unhealthy_release_is_rolled_back_within_the_threshold_under_load() {
     // threshold × interval + 0.5 s, by the processes' own log clocks (the
     // test's threads may be scheduled late on a busy machine).
     let stderr = app.server.stderr();
-    let ready = timestamp(&stderr, "ready generation=2").expect("ready line");
-    let rolled_back = timestamp(&stderr, "probation failed: rolled back").expect("rollback line");
+    let ready = common::log_timestamp(&stderr, "ready generation=2").expect("ready line");
+    let rolled_back =
+        common::log_timestamp(&stderr, "probation failed: rolled back").expect("rollback line");
     let detected = rolled_back - ready;
     assert!(
         detected < 0.3 + 0.5,

@@ -51,7 +51,13 @@ fn connect(addr: SocketAddr) -> TcpStream {
 fn serve_answers_connection_close_while_winding_down_and_closes_idle_after_the_grace() {
     let server = ServerProcess::example(
         "axum_server",
-        &["--listen", "127.0.0.1:0", "--idle-grace-ms", "1000"],
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--idle-grace-ms",
+            "1000",
+            "--no-handoff",
+        ],
     );
     let first = server.wait_ready(1);
     let mut busy = connect(first.addr);

@@ -60,12 +60,13 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use hyper::body::{Body, Incoming};
+use hyper::server::conn::{http1, http2};
 use hyper::service::Service;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioExecutor;
-use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{info, warn};
+
+pub use self::connection::Movable;
 
 use crate::{DrainReport, Handover, Listener, Stop, Watch};
 
@@ -99,7 +100,9 @@ where
         service,
         idle_grace: DEFAULT_IDLE_GRACE,
         websocket_going_away: false,
-        builder: auto::Builder::new(TokioExecutor::new()),
+        handoff: true,
+        http1: http1::Builder::new(),
+        http2: http2::Builder::new(TokioExecutor::new()),
     }
 }
 
@@ -112,7 +115,9 @@ pub struct Serve<L, S> {
     service: S,
     idle_grace: Duration,
     websocket_going_away: bool,
-    builder: auto::Builder<TokioExecutor>,
+    handoff: bool,
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
 }
 
 impl<L, S> std::fmt::Debug for Serve<L, S> {
@@ -120,6 +125,7 @@ impl<L, S> std::fmt::Debug for Serve<L, S> {
         f.debug_struct("Serve")
             .field("idle_grace", &self.idle_grace)
             .field("websocket_going_away", &self.websocket_going_away)
+            .field("handoff", &self.handoff)
             .finish_non_exhaustive()
     }
 }
@@ -145,10 +151,27 @@ impl<L, S> Serve<L, S> {
         self
     }
 
-    /// Configures hyper's connection builder (HTTP/1 and HTTP/2 settings,
-    /// `http1_only`...).
-    pub fn http(mut self, configure: impl FnOnce(&mut auto::Builder<TokioExecutor>)) -> Self {
-        configure(&mut self.builder);
+    /// Whether idle HTTP/1 connections are handed to the new generation at
+    /// an upgrade, so that their clients never reconnect (default `true`; TCP
+    /// only). Off, every keep-alive connection is closed gracefully at an
+    /// upgrade and its client reconnects, as HTTP/2 connections always are.
+    /// See the [module docs](self#live-connection-handoff).
+    pub fn connection_handoff(mut self, on: bool) -> Self {
+        self.handoff = on;
+        self
+    }
+
+    /// Configures hyper's HTTP/1 connections (keep-alive, header limits,
+    /// timeouts...).
+    pub fn http1(mut self, configure: impl FnOnce(&mut http1::Builder)) -> Self {
+        configure(&mut self.http1);
+        self
+    }
+
+    /// Configures hyper's HTTP/2 connections (with prior knowledge: the
+    /// client's first bytes are HTTP/2's preface).
+    pub fn http2(mut self, configure: impl FnOnce(&mut http2::Builder<TokioExecutor>)) -> Self {
+        configure(&mut self.http2);
         self
     }
 }
@@ -188,33 +211,63 @@ where
             service,
             idle_grace,
             websocket_going_away,
-            builder,
+            handoff,
+            http1,
+            http2,
         } = self;
         let watch = handover.watch();
         let stopping = Stopping {
             watch: watch.clone(),
             websocket_going_away,
         };
+        // With handoff on a TCP listener: this generation's connections move
+        // at an upgrade, and those the previous one hands over come in here.
+        let local = handoff.then(|| L::local_addr(&listener)).flatten();
+        let _registration = local.map(|_| handover.inner.moves.register_serve(idle_grace));
+        let mut adopted = local.map(|addr| handover.inner.adoptions.take_http(addr));
+        let settings = connection::Settings {
+            service,
+            http1,
+            http2,
+            stopping,
+            idle_grace,
+            moves: local.map(|_| {
+                std::sync::Arc::new(connection::MovesRef {
+                    handover: handover.clone(),
+                })
+            }),
+        };
         let mut backoff = accept::Backoff::default();
         // Ends once this generation stops; waits while it is parked.
-        while let Some(accepted) = L::next(&listener).await {
-            match accepted {
-                Ok(io) => {
-                    backoff.succeeded();
-                    let conn = connection::serve(
-                        io,
-                        service.clone(),
-                        builder.clone(),
-                        stopping.clone(),
-                        idle_grace,
-                    );
-                    tokio::spawn(conn);
+        loop {
+            let next_adopted = async {
+                match adopted.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
                 }
-                Err(e) => {
-                    if let Some(delay) = backoff.failed(&e) {
-                        tokio::time::sleep(delay).await;
+            };
+            tokio::select! {
+                accepted = L::next(&listener) => match accepted {
+                    None => break,
+                    Some(Ok(io)) => {
+                        backoff.succeeded();
+                        handover.inner.counters.accepted();
+                        tokio::spawn(connection::serve(io, Vec::new(), settings.clone()));
                     }
-                }
+                    Some(Err(e)) => {
+                        if let Some(delay) = backoff.failed(&e) {
+                            tokio::time::sleep(delay).await;
+                        }
+                    }
+                },
+                Some((fd, bytes)) = next_adopted => adopt(fd, bytes, &settings),
+            }
+        }
+        // Handed over but not taken yet: served (and wound down) here.
+        if let Some(mut rx) = adopted.take() {
+            rx.close();
+            while let Ok((fd, bytes)) = rx.try_recv() {
+                adopt(fd, bytes, &settings);
             }
         }
         let stop = handover.stopping().await;
@@ -235,19 +288,49 @@ where
     }
 }
 
+/// Serves a connection the previous generation handed over.
+fn adopt<S, B>(fd: std::os::fd::OwnedFd, bytes: Vec<u8>, settings: &connection::Settings<S>)
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Sync + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    match <tokio::net::TcpStream as Movable>::from_fd(fd) {
+        Ok(io) => {
+            if let Some(moves) = &settings.moves {
+                moves.handover.inner.counters.adopted();
+            }
+            tokio::spawn(connection::serve(io, bytes, settings.clone()));
+        }
+        Err(e) => tracing::debug!(error = %e, "a connection handed over is already gone"),
+    }
+}
+
 /// A listener [`Serve`] can accept on: a [`Listener`] of a Tokio
-/// `TcpListener` (its connections get `TCP_NODELAY`) or `UnixListener`.
+/// `TcpListener` (its connections get `TCP_NODELAY`, and can be handed over)
+/// or `UnixListener`.
 pub trait Accepts: private::Sealed + Sized + Send + Sync + 'static {
     /// An accepted connection.
-    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    type Io: Movable;
 
     /// The next connection, `None` once the generation stops.
     fn next(listener: &Listener<Self>)
         -> impl Future<Output = Option<io::Result<Self::Io>>> + Send;
+
+    /// The address connections handed over on this listener came to: TCP
+    /// only.
+    fn local_addr(listener: &Listener<Self>) -> Option<std::net::SocketAddr>;
 }
 
 impl Accepts for tokio::net::TcpListener {
     type Io = tokio::net::TcpStream;
+
+    fn local_addr(listener: &Listener<Self>) -> Option<std::net::SocketAddr> {
+        listener.get_ref().local_addr().ok()
+    }
 
     async fn next(listener: &Listener<Self>) -> Option<io::Result<Self::Io>> {
         let accepted = listener.accept().await?;
@@ -263,6 +346,10 @@ impl Accepts for tokio::net::TcpListener {
 
 impl Accepts for tokio::net::UnixListener {
     type Io = tokio::net::UnixStream;
+
+    fn local_addr(_: &Listener<Self>) -> Option<std::net::SocketAddr> {
+        None
+    }
 
     async fn next(listener: &Listener<Self>) -> Option<io::Result<Self::Io>> {
         let accepted = listener.accept().await?;

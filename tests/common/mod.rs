@@ -30,6 +30,18 @@ pub use nix::sys::signal::Signal;
 #[allow(unused_imports)]
 pub use nix::unistd::Pid;
 
+/// Seconds since midnight of the first log line containing `needle` (the RFC 3339 timestamp
+/// tracing puts first): for timing assertions by the processes' own clocks.
+pub fn log_timestamp(log: &str, needle: &str) -> Option<f64> {
+    let line = log.lines().find(|l| l.contains(needle))?;
+    let time = line.split_whitespace().next()?.split('T').nth(1)?;
+    let mut parts = time.trim_end_matches('Z').split(':');
+    let h: f64 = parts.next()?.parse().ok()?;
+    let m: f64 = parts.next()?.parse().ok()?;
+    let s: f64 = parts.next()?.parse().ok()?;
+    Some(h * 3600.0 + m * 60.0 + s)
+}
+
 /// Path of example `name`, built (once per test binary, with `cargo build --examples`) in the
 /// target directory and profile this test binary was built in. Panics with cargo's output if
 /// the build fails, or if the example does not exist.

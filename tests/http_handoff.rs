@@ -1,0 +1,354 @@
+//! `serve` hands its idle HTTP/1 keep-alive connections to the new generation at every
+//! upgrade, with no app code (`http_server`): the clients keep their TCP connections, and
+//! see no error, including when the new generation dies in the middle of adopting them.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::Command;
+use std::time::Duration;
+
+use common::load::{Load, LoadConfig, Mode};
+use common::{deploy, wait_for, Deploy, Exit, Ready, ServerProcess, Signal, TempDir};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Sends `GET path` on `stream` and reads one response: (head, lowercase; body).
+fn get(stream: &mut TcpStream, path: &str) -> (String, String) {
+    let request = format!("GET {path} HTTP/1.1\r\nhost: test\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .expect("send the request");
+    read_response(stream)
+}
+
+fn read_response(stream: &mut TcpStream) -> (String, String) {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        let n = stream.read(&mut byte).expect("read the response head");
+        assert_eq!(
+            n,
+            1,
+            "EOF inside the response head: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("a content-length");
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).expect("read the body");
+    (head, String::from_utf8_lossy(&body).trim().to_owned())
+}
+
+fn connect(addr: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(WAIT)).expect("read timeout");
+    stream.set_nodelay(true).expect("TCP_NODELAY");
+    stream
+}
+
+fn body_of(ready: &Ready) -> String {
+    format!("pid={} generation={}", ready.pid, ready.generation)
+}
+
+/// A `key=N` field of a log line.
+fn field(line: &str, key: &str) -> Option<u64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))?
+        .parse()
+        .ok()
+}
+
+/// The `drain complete` line of `generation`: its connection counts.
+fn connections_of(stderr: &str, generation: u64) -> (u64, u64, u64) {
+    let line = stderr
+        .lines()
+        .find(|l| l.contains(&format!("drain complete generation={generation} ")))
+        .unwrap_or_else(|| panic!("no drain line for generation {generation}:\n{stderr}"));
+    let get = |key| field(line, key).unwrap_or_else(|| panic!("no {key} in {line}"));
+    (
+        get("connections_accepted"),
+        get("connections_adopted"),
+        get("connections_handed_over"),
+    )
+}
+
+#[test]
+fn keep_alive_clients_keep_their_connections_across_twenty_upgrades() {
+    const CONNECTIONS: usize = 64;
+    const UPGRADES: u64 = 20;
+    let server = ServerProcess::example("http_server", &["--listen", "127.0.0.1:0"]);
+    let first = server.wait_ready(1);
+    let load = Load::start(
+        LoadConfig::new(
+            first.addr,
+            Mode::KeepAlive {
+                connections: CONNECTIONS,
+            },
+        )
+        .max_duration(Duration::from_secs(300)),
+    );
+    load.wait_for_ok(CONNECTIONS as u64 * 4, WAIT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut generations = vec![first.clone()];
+    for generation in 2..=UPGRADES + 1 {
+        let serving = generations.last().expect("a generation").clone();
+        server
+            .signal_pid(serving.pid, Signal::SIGHUP)
+            .expect("SIGHUP");
+        let next = server.wait_ready(generation);
+        assert_eq!(server.wait_exit(serving.pid, WAIT), Ok(Exit::Code(0)));
+        // The new generation answers on the connections it took over.
+        let body = body_of(&next);
+        load.wait_for_body(|b| b == body, WAIT)
+            .unwrap_or_else(|e| panic!("{e}"));
+        generations.push(next);
+    }
+    load.wait_for_more_ok(CONNECTIONS as u64, WAIT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let report = load.stop();
+    let last = generations.last().expect("a generation").clone();
+    server
+        .signal_pid(last.pid, Signal::SIGTERM)
+        .expect("SIGTERM");
+    assert_eq!(server.wait_exit(last.pid, WAIT), Ok(Exit::Code(0)));
+
+    assert_eq!(report.failure_total(), 0, "{report}");
+    // Client side: the test kit's connections are the first 64, never reopened.
+    assert_eq!(
+        report.connections, CONNECTIONS as u64,
+        "new connections during {UPGRADES} upgrades:\n{report}"
+    );
+    assert_eq!(report.server_closes, 0, "{report}");
+    assert_eq!(report.idle_closes, 0, "{report}");
+    // Server side: generation 1 accepted them all, and each later one accepted none and
+    // adopted all 64 from its predecessor, which handed over all 64.
+    let stderr = server.stderr();
+    for ready in &generations {
+        let (accepted, adopted, handed_over) = connections_of(&stderr, ready.generation);
+        let g = ready.generation;
+        let first = g == 1;
+        let last = g == UPGRADES + 1;
+        assert_eq!(
+            accepted,
+            if first { CONNECTIONS as u64 } else { 0 },
+            "accepted by generation {g}"
+        );
+        assert_eq!(
+            adopted,
+            if first { 0 } else { CONNECTIONS as u64 },
+            "adopted by generation {g}"
+        );
+        assert_eq!(
+            handed_over,
+            if last { 0 } else { CONNECTIONS as u64 },
+            "handed over by generation {g}"
+        );
+        assert!(
+            report.bodies.get(&body_of(ready)).copied().unwrap_or(0) > 0,
+            "generation {g} served: {:?}",
+            report.bodies
+        );
+    }
+    eprintln!(
+        "{CONNECTIONS} keep-alive connections, {UPGRADES} upgrades: {} requests, 0 failed, \
+         {} connections opened (0 by the upgrades)",
+        report.requests(),
+        report.connections
+    );
+}
+
+#[test]
+fn bytes_read_but_not_parsed_travel_with_the_connection() {
+    let mut cmd = Command::new(common::example_path("http_server"));
+    cmd.args(["--listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "info,handover::serve=debug");
+    let server = ServerProcess::spawn(cmd);
+    let first = server.wait_ready(1);
+    let mut idle = connect(first.addr);
+    assert_eq!(get(&mut idle, "/").1, body_of(&first));
+    let mut partial = connect(first.addr);
+    let local = partial.local_addr().expect("local address");
+    // A request and the start of the next in one segment: hyper reads both, answers the
+    // first, and holds the second, incomplete, in its read buffer.
+    const NEXT: &[u8] = b"GET / HTTP/1.1\r\nhost: te";
+    partial
+        .write_all(&[&b"GET / HTTP/1.1\r\nhost: test\r\n\r\n"[..], NEXT].concat())
+        .expect("send");
+    let (head, body) = read_response(&mut partial);
+    assert_eq!(body, body_of(&first));
+    assert!(!head.contains("connection: close"), "{head}");
+
+    server
+        .signal_pid(first.pid, Signal::SIGHUP)
+        .expect("SIGHUP");
+    let second = server.wait_ready(2);
+    // Generation 1 is gone: whatever answers now is generation 2.
+    assert_eq!(server.wait_exit(first.pid, WAIT), Ok(Exit::Code(0)));
+    let stderr = server.stderr();
+    assert!(
+        stderr.lines().any(|l| l.contains("submitted for handover")
+            && field(l, "unparsed") == Some(NEXT.len() as u64)),
+        "generation 1 handed the unparsed bytes over:\n{stderr}"
+    );
+    partial.write_all(b"st\r\n\r\n").expect("send the rest");
+    let (head, body) = read_response(&mut partial);
+    assert_eq!(
+        body,
+        body_of(&second),
+        "the rest of the request reached generation 2"
+    );
+    assert!(!head.contains("connection: close"), "{head}");
+    assert_eq!(
+        partial.local_addr().expect("local"),
+        local,
+        "the same connection"
+    );
+    let (head, body) = get(&mut idle, "/");
+    assert_eq!(body, body_of(&second));
+    assert!(!head.contains("connection: close"), "{head}");
+}
+
+#[test]
+fn a_thousand_idle_keep_alive_connections_move_in_one_upgrade() {
+    const CONNECTIONS: usize = 1000;
+    let server = ServerProcess::example("http_server", &["--listen", "127.0.0.1:0"]);
+    let first = server.wait_ready(1);
+    let mut connections: Vec<TcpStream> = (0..CONNECTIONS)
+        .map(|_| {
+            let mut c = connect(first.addr);
+            assert_eq!(get(&mut c, "/").1, body_of(&first));
+            c
+        })
+        .collect();
+    server
+        .signal_pid(first.pid, Signal::SIGHUP)
+        .expect("SIGHUP");
+    let second = server.wait_ready(2);
+    assert_eq!(server.wait_exit(first.pid, WAIT), Ok(Exit::Code(0)));
+    let stderr = server.stderr();
+    let handed = stderr
+        .lines()
+        .find(|l| l.contains("connections handed to the new generation"))
+        .unwrap_or_else(|| panic!("no handover line:\n{stderr}"));
+    assert_eq!(field(handed, "moved"), Some(CONNECTIONS as u64), "{handed}");
+    let took_us = field(handed, "took_us").expect("took_us");
+    // By the processes' own clocks: the signal, and the old generation's last line.
+    let trigger = common::log_timestamp(&stderr, "signal received generation=1").expect("trigger");
+    let exited = common::log_timestamp(&stderr, "exiting report").expect("exit line");
+    for c in &mut connections {
+        let (head, body) = get(c, "/");
+        assert_eq!(body, body_of(&second));
+        assert!(!head.contains("connection: close"), "{head}");
+    }
+    eprintln!(
+        "{CONNECTIONS} idle keep-alive connections: handed over in {:.1} ms; trigger to the \
+         old generation's exit {:.1} ms",
+        took_us as f64 / 1000.0,
+        (exited - trigger) * 1000.0
+    );
+}
+
+/// A new generation that dies (killed, or crashing by itself) after it has prepared the
+/// adoption of the old generation's idle connections, before their commit: the upgrade
+/// fails, the old generation resumes with every connection, the clients see nothing.
+fn dies_mid_adoption(kill: bool) {
+    const IDLE: usize = 8;
+    let dir = TempDir::new("handoff-mid-adoption");
+    let exe = dir.path().join("app");
+    let real = common::example_path("http_server");
+    deploy(&exe, Deploy::Binary(&real));
+    let mut cmd = Command::new(&exe);
+    // A 3 s window for busy connections to become idle keeps the handover open while a
+    // 4 s request is answered; the new generation dies inside it.
+    cmd.args(["--listen", "127.0.0.1:0", "--idle-grace-ms", "3000"])
+        .env("RUST_LOG", "info,handover::handoff=debug");
+    let server = ServerProcess::spawn(cmd);
+    let first = server.wait_ready(1);
+    let mut idle: Vec<TcpStream> = (0..IDLE)
+        .map(|_| {
+            let mut c = connect(first.addr);
+            assert_eq!(get(&mut c, "/").1, body_of(&first));
+            c
+        })
+        .collect();
+    let mut slow = connect(first.addr);
+    slow.write_all(b"GET /slow?ms=4000 HTTP/1.1\r\nhost: test\r\n\r\n")
+        .expect("send");
+    let extra = if kill {
+        String::new()
+    } else {
+        " --crash-after-ready-ms 300".to_owned()
+    };
+    deploy(
+        &exe,
+        Deploy::Script(&format!("exec {} \"$@\"{extra}", real.display())),
+    );
+    server
+        .signal_pid(first.pid, Signal::SIGHUP)
+        .expect("SIGHUP");
+    let second = server.wait_ready(2);
+    wait_for(
+        "the new generation prepared every idle connection",
+        WAIT,
+        || {
+            let prepared = server.stderr().matches("connection offer prepared").count();
+            if prepared >= IDLE {
+                Ok(())
+            } else {
+                Err(format!("{prepared} prepared"))
+            }
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", server.dump()));
+    if kill {
+        server
+            .signal_pid(second.pid, Signal::SIGKILL)
+            .expect("SIGKILL");
+    }
+    // Reaped by generation 1, its parent: gone is what can be seen from here.
+    assert!(
+        server.wait_exit(second.pid, WAIT).is_ok(),
+        "generation 2 is gone"
+    );
+    server
+        .wait_stderr("handover failed: rolled back", WAIT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let stderr = server.stderr();
+    assert!(
+        !stderr.contains("connections handed to the new generation"),
+        "nothing was committed:\n{stderr}"
+    );
+    // Every connection is generation 1's, on the same socket, with nothing said.
+    for c in &mut idle {
+        let (head, body) = get(c, "/");
+        assert_eq!(body, body_of(&first));
+        assert!(!head.contains("connection: close"), "{head}");
+    }
+    let (_, body) = read_response(&mut slow);
+    assert_eq!(body, body_of(&first), "the slow request completed");
+    let mut fresh = connect(first.addr);
+    assert_eq!(
+        get(&mut fresh, "/").1,
+        body_of(&first),
+        "and it accepts again"
+    );
+    assert!(common::is_alive(first.pid));
+}
+
+#[test]
+fn a_new_generation_killed_mid_adoption_loses_nothing() {
+    dies_mid_adoption(true);
+}
+
+#[test]
+fn a_new_generation_crashing_mid_adoption_loses_nothing() {
+    dies_mid_adoption(false);
+}
