@@ -135,26 +135,13 @@ fn rollbacks(http_server: &Path, kind: &Kind) -> Result<(Vec<Duration>, Vec<u64>
         load.wait_for_more_ok(50, WAIT).map_err(|e| e.to_string())?;
         failed.push(load.snapshot().failure_total() - before);
         let stderr = server.stderr();
-        let failure = nth_timestamp(&stderr, kind.failure_line, i * kind.per_rollback)
+        let failure = common::log_timestamp(&stderr, kind.failure_line, i * kind.per_rollback)
             .ok_or_else(|| format!("no {:?} line for rollback {i}", kind.failure_line))?;
-        let resumed = nth_timestamp(&stderr, "resumed: accepting again", i)
+        let resumed = common::log_timestamp(&stderr, "resumed: accepting again", i)
             .ok_or_else(|| format!("no resume line for rollback {i}"))?;
         times.push(Duration::from_secs_f64((resumed - failure).max(0.0)));
     }
     load.stop();
     let _ = server.stop(Signal::SIGTERM, WAIT);
     Ok((times, failed))
-}
-
-/// Seconds since midnight (UTC) of the `n`th (1-based) line containing `needle`, from the
-/// `2026-12-01T10:00:00.850028Z` timestamp tracing puts first.
-fn nth_timestamp(text: &str, needle: &str, n: usize) -> Option<f64> {
-    let line = text.lines().filter(|l| l.contains(needle)).nth(n - 1)?;
-    let time = line.split_whitespace().next()?.split('T').nth(1)?;
-    let time = time.trim_end_matches('Z');
-    let mut parts = time.split(':');
-    let h: f64 = parts.next()?.parse().ok()?;
-    let m: f64 = parts.next()?.parse().ok()?;
-    let s: f64 = parts.next()?.parse().ok()?;
-    Some(h * 3600.0 + m * 60.0 + s)
 }

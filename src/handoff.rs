@@ -102,6 +102,12 @@ impl Link {
         *self.gone.borrow()
     }
 
+    /// Resolves once the new generation is gone.
+    pub(crate) async fn gone(&self) {
+        let mut rx = self.gone.subscribe();
+        let _ = rx.wait_for(|gone| *gone).await;
+    }
+
     /// Prepares a handover: offers the connection `fd` with `bytes`.
     pub(crate) async fn offer(&self, http: bool, fd: &OwnedFd, bytes: &[u8]) -> Offered {
         if self.is_gone() {
@@ -423,9 +429,7 @@ pub(crate) fn adopt_fd(fd: OwnedFd) -> std::io::Result<tokio::net::TcpStream> {
     let std = std::net::TcpStream::from(fd);
     std.set_nonblocking(true)?;
     std.peer_addr()?;
-    let stream = tokio::net::TcpStream::from_std(std)?;
-    debug!(peer = ?stream.peer_addr().ok(), "connection adopted from the previous generation");
-    Ok(stream)
+    tokio::net::TcpStream::from_std(std)
 }
 
 // ---------------------------------------------------------------------------
@@ -619,6 +623,12 @@ impl Moves {
                     }
                     () = &mut deadline => {
                         report.busy = *self.tickets.borrow();
+                        collecting = false;
+                        continue;
+                    }
+                    () = link.gone() => {
+                        // No commit can come now: every connection stays.
+                        lost = true;
                         collecting = false;
                         continue;
                     }

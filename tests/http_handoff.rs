@@ -352,3 +352,93 @@ fn a_new_generation_killed_mid_adoption_loses_nothing() {
 fn a_new_generation_crashing_mid_adoption_loses_nothing() {
     dies_mid_adoption(false);
 }
+
+#[test]
+fn on_probation_connections_stay_and_move_only_at_promotion() {
+    const CONNECTIONS: usize = 16;
+    let dir = TempDir::new("handoff-probation");
+    let exe = dir.path().join("app");
+    let real = common::example_path("http_server");
+    deploy(&exe, Deploy::Binary(&real));
+    let mut cmd = Command::new(&exe);
+    cmd.args(["--listen", "127.0.0.1:0", "--probation-ms", "1000"])
+        .args(["--health-path", "/healthz", "--health-interval-ms", "100"])
+        .args([
+            "--health-threshold",
+            "3",
+            "--failed-drain-timeout-ms",
+            "3000",
+        ]);
+    let server = ServerProcess::spawn(cmd);
+    let first = server.wait_ready(1);
+    let load = Load::start(
+        LoadConfig::new(
+            first.addr,
+            Mode::KeepAlive {
+                connections: CONNECTIONS,
+            },
+        )
+        .max_duration(Duration::from_secs(120)),
+    );
+    load.wait_for_ok(CONNECTIONS as u64 * 4, WAIT)
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    // An unhealthy release: rolled back, and the keep-alive clients never left
+    // generation 1 (the canary saw its health checks and new connections only).
+    deploy(
+        &exe,
+        Deploy::Script(&format!("exec {} \"$@\" --unhealthy", real.display())),
+    );
+    server
+        .signal_pid(first.pid, Signal::SIGHUP)
+        .expect("SIGHUP");
+    let canary = server.wait_ready(2);
+    server
+        .wait_stderr("probation failed: rolled back", WAIT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(server.wait_exit(canary.pid, WAIT).is_ok());
+    load.wait_for_more_ok(CONNECTIONS as u64 * 4, WAIT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let during = load.snapshot();
+    assert_eq!(during.connections, CONNECTIONS as u64, "{during}");
+    assert_eq!(
+        during.bodies.get(&body_of(&canary)).copied().unwrap_or(0),
+        0,
+        "a keep-alive client reached the canary: {:?}",
+        during.bodies
+    );
+
+    // A good release: promoted after its window, then every connection moves.
+    deploy(&exe, Deploy::Binary(&real));
+    server
+        .signal_pid(first.pid, Signal::SIGHUP)
+        .expect("SIGHUP");
+    let promoted = wait_for("a second generation 2 ready", WAIT, || {
+        server
+            .readies()
+            .into_iter()
+            .find(|r| r.generation == 2 && r.pid != canary.pid)
+            .ok_or_else(|| format!("{:?}", server.readies()))
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(server.wait_exit(first.pid, WAIT), Ok(Exit::Code(0)));
+    let body = body_of(&promoted);
+    load.wait_for_body(|b| b == body, WAIT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    load.wait_for_more_ok(CONNECTIONS as u64 * 4, WAIT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let report = load.stop();
+    assert_eq!(report.failure_total(), 0, "{report}");
+    assert_eq!(
+        report.connections, CONNECTIONS as u64,
+        "new connections through a rollback and a promotion:\n{report}"
+    );
+    let stderr = server.stderr();
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains("connections handed to the new generation")
+                && field(l, "moved") == Some(CONNECTIONS as u64)),
+        "the {CONNECTIONS} connections moved at the promotion:\n{stderr}"
+    );
+}

@@ -164,6 +164,21 @@ fn install_cleanup() -> std::io::Result<()> {
     Ok(())
 }
 
+/// Seconds since midnight of the `n`th (from 1) log line containing `needle` (the RFC 3339
+/// timestamp tracing puts first): durations by the processes' own clocks.
+pub fn log_timestamp(text: &str, needle: &str, n: usize) -> Option<f64> {
+    let line = text
+        .lines()
+        .filter(|l| l.contains(needle))
+        .nth(n.checked_sub(1)?)?;
+    let time = line.split_whitespace().next()?.split('T').nth(1)?;
+    let mut parts = time.trim_end_matches('Z').split(':');
+    let h: f64 = parts.next()?.parse().ok()?;
+    let m: f64 = parts.next()?.parse().ok()?;
+    let s: f64 = parts.next()?.parse().ok()?;
+    Some(h * 3600.0 + m * 60.0 + s)
+}
+
 /// Registers a process group for [`cleanup_on_signals`].
 pub fn register_group(pgid: i32) {
     GROUPS.lock().unwrap_or_else(|e| e.into_inner()).push(pgid);

@@ -368,39 +368,33 @@ where
             .serve_connection(TokioIo::new(io), service)
             .with_upgrades();
         let movable = ticket.is_some();
-        let event = tokio::select! {
-            result = &mut conn => {
-                ended(result);
-                return Next::Done;
+        let batch = loop {
+            let event = tokio::select! {
+                result = &mut conn => {
+                    ended(result);
+                    return Next::Done;
+                }
+                event = next_event(&watch, phase.as_mut(), movable) => event,
+            };
+            let (batch, phase_rx) = match (event, phase.as_mut()) {
+                (Event::Collect(batch), Some(phase_rx)) => (batch, phase_rx),
+                _ => {
+                    wind_down(&mut conn, settings.idle_grace).await;
+                    return Next::Done;
+                }
+            };
+            match detach(&mut conn, &busy, &keep_open, phase_rx).await {
+                Detached::Idle => break batch,
+                Detached::Ended(result) => {
+                    ended(result);
+                    return Next::Done;
+                }
+                // Still answering when the handover stopped collecting (a
+                // slow response, a stream, or the new generation went away):
+                // served on, as the generation's state now says.
+                Detached::Busy => {}
             }
-            event = next_event(&watch, phase.as_mut(), movable) => event,
         };
-        let batch = match event {
-            Event::WindDown => {
-                wind_down(&mut conn, settings.idle_grace).await;
-                return Next::Done;
-            }
-            Event::Collect(batch) => batch,
-        };
-        let Some(phase_rx) = phase.as_mut() else {
-            wind_down(&mut conn, settings.idle_grace).await;
-            return Next::Done;
-        };
-        match detach(&mut conn, &busy, &keep_open, phase_rx).await {
-            Detached::Idle => {}
-            Detached::Ended(result) => {
-                ended(result);
-                return Next::Done;
-            }
-            Detached::Busy => {
-                // Still answering at the end of the handover's window (a
-                // slow response, a stream): wound down as without handoff.
-                keep_open.store(false, Ordering::SeqCst);
-                drop(ticket);
-                wind_down(&mut conn, settings.idle_grace).await;
-                return Next::Done;
-            }
-        }
         // Upgraded (a WebSocket): the socket is the app's now.
         let Some(parts) = conn.into_parts() else {
             return Next::Done;
@@ -518,9 +512,10 @@ enum Detached {
     Busy,
 }
 
-/// Waits until no request of `conn` is being answered (`busy`), ends its
-/// HTTP/1 state there without shutting the socket down, and drives it to
-/// that end; or until the handover stops collecting.
+/// Waits until no request of `conn` is being answered (`busy`: from the
+/// request's head to the end of its response body), ends its HTTP/1 state
+/// there without shutting the socket down, and drives it to that end; or
+/// until the handover stops collecting.
 async fn detach<C>(
     conn: &mut C,
     busy: &AtomicUsize,
@@ -532,10 +527,10 @@ where
 {
     let mut asked = false;
     let finished = poll_fn(|cx: &mut Context<'_>| {
-        // Idle between requests: no response head is still to be written,
-        // so the response in progress, if any, keeps its keep-alive (hyper
+        // Idle between requests: every response is produced whole (hyper
         // would say `Connection: close` on a head written after a graceful
-        // shutdown); hyper then closes its HTTP/1 state once flushed.
+        // shutdown), at most its last bytes are still to be flushed; hyper
+        // closes its HTTP/1 state once they are.
         if !asked && busy.load(Ordering::SeqCst) == 0 {
             keep_open.store(true, Ordering::SeqCst);
             conn.shut_down_gracefully();
@@ -638,7 +633,7 @@ impl<I: AsyncWrite> AsyncWrite for ConnIo<I> {
 }
 
 /// A request being answered: counted from the service's call until its
-/// response head is ready (or the call is dropped).
+/// response body has been produced whole (or the call or body is dropped).
 struct BusyToken(Arc<AtomicUsize>);
 
 impl Drop for BusyToken {
@@ -661,7 +656,7 @@ impl<S, B> Service<Request<Incoming>> for Closing<S>
 where
     S: Service<Request<Incoming>, Response = Response<B>>,
 {
-    type Response = Response<B>;
+    type Response = Response<TrackedBody<B>>;
     type Error = S::Error;
     type Future = ClosingFuture<S::Future>;
 
@@ -696,7 +691,7 @@ impl<F, B, E> Future for ClosingFuture<F>
 where
     F: Future<Output = Result<Response<B>, E>>,
 {
-    type Output = Result<Response<B>, E>;
+    type Output = Result<Response<TrackedBody<B>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
@@ -716,8 +711,43 @@ where
                     .insert(CONNECTION, HeaderValue::from_static("close"));
             }
         }
-        // Its head is written in this same poll of the connection.
-        this.token.take();
-        Poll::Ready(result)
+        // Busy until its body is produced whole: a graceful shutdown before
+        // then would end the connection after this response, with or without
+        // `Connection: close` depending on whether its head is written.
+        let token = this.token.take();
+        Poll::Ready(result.map(|response| response.map(|inner| TrackedBody { inner, token })))
+    }
+}
+
+/// A response body that keeps its request counted as busy until it ends.
+#[pin_project]
+pub(super) struct TrackedBody<B> {
+    #[pin]
+    inner: B,
+    token: Option<BusyToken>,
+}
+
+impl<B: Body> Body for TrackedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let frame = this.inner.poll_frame(cx);
+        if let Poll::Ready(None) = frame {
+            this.token.take();
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }

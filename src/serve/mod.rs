@@ -28,11 +28,16 @@
 //! - **Connection tracking**: each connection is in-flight work of the drain
 //!   ([`Watch::guard`](crate::Watch::guard)) for as long as its socket is open,
 //!   also after an HTTP upgrade (a WebSocket).
-//! - **HTTP/1**: while the generation winds down (parked or stopping), each
-//!   response carries `Connection: close`, so that clients reconnect, to the
-//!   generation that accepts, between two requests; a connection still open
-//!   after the idle grace ([`Serve::idle_grace`], 500 ms) is closed by hyper's
-//!   graceful shutdown, which never cuts a request it is reading or answering.
+//! - **HTTP/1 over TCP, at an upgrade**: each connection is handed to the new
+//!   generation once idle (see [below](self#live-connection-handoff)); the
+//!   client keeps its connection and never sees the upgrade.
+//! - **HTTP/1 otherwise** (a final stop, a Unix socket, handoff off, a new
+//!   generation that does not take connections): while the generation winds
+//!   down, each response carries `Connection: close`, so that clients
+//!   reconnect, to the generation that accepts, between two requests; a
+//!   connection still open after the idle grace ([`Serve::idle_grace`],
+//!   500 ms) is closed by hyper's graceful shutdown, which never cuts a
+//!   request it is reading or answering.
 //! - **HTTP/2**: the same graceful shutdown sends GOAWAY, and the requests in
 //!   flight complete.
 //! - **The drain cap**: once the accept loop ends, [`Serve`] drains
@@ -48,6 +53,40 @@
 //!   [`Serve::websocket_going_away`]; the client then reconnects to the new
 //!   generation. Without it, a WebSocket stays on the old generation until it
 //!   ends or the drain cap cuts it.
+//!
+//! # Live connection handoff
+//!
+//! With [`Serve::connection_handoff`] on (the default) and a TCP listener, an
+//! upgrade moves this generation's HTTP/1 connections to the new one instead
+//! of closing them, so that keep-alive clients do not reconnect at each
+//! deploy:
+//!
+//! 1. once the new generation is ready (and its probation, if any, has
+//!    passed), this one parks (new connections go to the new one);
+//! 2. each connection, at its next idle point (no response head left to
+//!    write; a response in progress finishes first, with its keep-alive),
+//!    ends its HTTP/1 state without closing the socket, and is offered with
+//!    the bytes read but not parsed yet (hyper's read buffer) over the
+//!    control channel, the fd by `SCM_RIGHTS`; the new generation prepares it
+//!    (holds it, reads nothing);
+//! 3. once every connection has been offered (or the idle grace has passed:
+//!    a connection still busy then, a slow response or a stream, is closed
+//!    gracefully as without handoff), they are all committed, and the new
+//!    generation serves them, the unparsed bytes first. This generation then
+//!    stops and drains what is left.
+//!
+//! A new generation that dies before the commit (killed, crashing) is a
+//! failed upgrade: this generation resumes and serves every connection on,
+//! none of which the new one has read from, so clients see nothing. A
+//! connection the new generation declines stays here and is closed
+//! gracefully. While the new generation is on probation, the connections
+//! stay here, served as usual (not wound down): they move only once it is
+//! promoted, so a rollback has nothing to give back.
+//!
+//! HTTP/2 connections are not moved: their HPACK tables and stream state live
+//! in this process. They get GOAWAY, and their clients reconnect. Under
+//! `handover run` the generations are the supervisor's children, not each
+//! other's: connections are closed gracefully there.
 
 mod accept;
 #[cfg(feature = "axum")]
@@ -303,6 +342,7 @@ where
             if let Some(moves) = &settings.moves {
                 moves.handover.inner.counters.adopted();
             }
+            tracing::debug!(peer = ?io.peer_addr().ok(), "connection adopted from the previous generation");
             tokio::spawn(connection::serve(io, bytes, settings.clone()));
         }
         Err(e) => tracing::debug!(error = %e, "a connection handed over is already gone"),
