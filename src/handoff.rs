@@ -183,10 +183,17 @@ impl Successor {
 /// A connection handed over: its socket and the bytes that go with it.
 pub(crate) type Adopted = (OwnedFd, Vec<u8>);
 
-/// A `serve` that takes HTTP connections handed over on its listener.
+/// A `serve` on a listener: where the HTTP connections handed over on it go
+/// (`None`: it runs with handoff off, and declines them).
 struct Taker {
     addr: SocketAddr,
-    tx: mpsc::UnboundedSender<Adopted>,
+    tx: Option<mpsc::UnboundedSender<Adopted>>,
+}
+
+impl Taker {
+    fn is_gone(&self) -> bool {
+        self.tx.as_ref().is_some_and(|tx| tx.is_closed())
+    }
 }
 
 /// The new generation's side: connections offered, prepared and committed,
@@ -250,13 +257,13 @@ impl Adoptions {
         let find = |takers: &Vec<Arc<Taker>>| {
             takers
                 .iter()
-                .find(|t| same_listener(t.addr, local) && !t.tx.is_closed())
+                .find(|t| same_listener(t.addr, local) && !t.is_gone())
                 .map(|t| t.tx.clone())
         };
         let wait = async {
             loop {
                 if let Some(tx) = find(&rx.borrow_and_update()) {
-                    return Some(tx);
+                    return tx;
                 }
                 if rx.changed().await.is_err() {
                     return None;
@@ -327,11 +334,21 @@ impl Adoptions {
     /// receiver.
     pub(crate) fn take_http(&self, addr: SocketAddr) -> mpsc::UnboundedReceiver<Adopted> {
         let (tx, rx) = mpsc::unbounded_channel();
+        self.register(addr, Some(tx));
+        rx
+    }
+
+    /// Registers a `serve` with handoff off on the listener bound to `addr`:
+    /// HTTP offers for it are declined at once.
+    pub(crate) fn decline_http(&self, addr: SocketAddr) {
+        self.register(addr, None);
+    }
+
+    fn register(&self, addr: SocketAddr, tx: Option<mpsc::UnboundedSender<Adopted>>) {
         self.takers.send_modify(|takers| {
-            takers.retain(|t| !t.tx.is_closed());
+            takers.retain(|t| !t.is_gone());
             takers.push(Arc::new(Taker { addr, tx }));
         });
-        rx
     }
 }
 
@@ -641,6 +658,14 @@ impl Moves {
             };
             let Some(submission) = event else { break };
             if lost {
+                refused.push(submission);
+                continue;
+            }
+            if report.declined > 0 {
+                // It takes no HTTP connection (handoff off, or no `serve` on
+                // this listener): each offer would wait for a `serve` to
+                // start there, so the rest stay without asking.
+                report.declined += 1;
                 refused.push(submission);
                 continue;
             }

@@ -442,3 +442,60 @@ fn on_probation_connections_stay_and_move_only_at_promotion() {
         "the {CONNECTIONS} connections moved at the promotion:\n{stderr}"
     );
 }
+
+#[test]
+fn a_release_with_handoff_off_declines_and_the_clients_reconnect_without_error() {
+    const CONNECTIONS: usize = 16;
+    let dir = TempDir::new("handoff-declined-http");
+    let exe = dir.path().join("app");
+    let real = common::example_path("http_server");
+    deploy(&exe, Deploy::Binary(&real));
+    let mut cmd = Command::new(&exe);
+    cmd.args(["--listen", "127.0.0.1:0"]);
+    let server = ServerProcess::spawn(cmd);
+    let first = server.wait_ready(1);
+    let load = Load::start(
+        LoadConfig::new(
+            first.addr,
+            Mode::KeepAlive {
+                connections: CONNECTIONS,
+            },
+        )
+        .max_duration(Duration::from_secs(120)),
+    );
+    load.wait_for_ok(CONNECTIONS as u64 * 4, WAIT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    deploy(
+        &exe,
+        Deploy::Script(&format!("exec {} \"$@\" --no-handoff", real.display())),
+    );
+    server
+        .signal_pid(first.pid, Signal::SIGHUP)
+        .expect("SIGHUP");
+    let second = server.wait_ready(2);
+    assert_eq!(server.wait_exit(first.pid, WAIT), Ok(Exit::Code(0)));
+    let body = body_of(&second);
+    load.wait_for_body(|b| b == body, WAIT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    load.wait_for_more_ok(CONNECTIONS as u64 * 4, WAIT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let report = load.stop();
+    assert_eq!(report.failure_total(), 0, "{report}");
+    // Declined at once (not after waiting for a taker), then closed gracefully: each
+    // client reconnected, to generation 2.
+    let stderr = server.stderr();
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("connections handed to the new generation"))
+        .unwrap_or_else(|| panic!("no handover line:\n{stderr}"));
+    assert_eq!(field(line, "moved"), Some(0), "{line}");
+    assert_eq!(field(line, "declined"), Some(CONNECTIONS as u64), "{line}");
+    assert!(
+        field(line, "took_us").expect("took_us") < 1_000_000,
+        "the offers were declined at once: {line}"
+    );
+    assert!(
+        report.connections > CONNECTIONS as u64,
+        "the clients reconnected: {report}"
+    );
+}

@@ -262,6 +262,13 @@ where
         // With handoff on a TCP listener: this generation's connections move
         // at an upgrade, and those the previous one hands over come in here.
         let local = handoff.then(|| L::local_addr(&listener)).flatten();
+        if !handoff {
+            if let Some(addr) = L::local_addr(&listener) {
+                // Offers for this listener are declined at once, not after
+                // waiting for a `serve` that takes them.
+                handover.inner.adoptions.decline_http(addr);
+            }
+        }
         let _registration = local.map(|_| handover.inner.moves.register_serve(idle_grace));
         let mut adopted = local.map(|addr| handover.inner.adoptions.take_http(addr));
         let settings = connection::Settings {
