@@ -7,6 +7,7 @@
 //! |---|---|---|
 //! | `ready` | the generation | it can serve (library mode: the upgrade's success) |
 //! | `parkable` | the generation | it can pause accepting (`park`/`resume`); sent at start |
+//! | `adopts` | the generation | it understands connection offers; sent at start (a generation that does not say so is offered none) |
 //! | `unhealthy <reason>` | the generation | its own verdict (`Handover::unhealthy`) |
 //! | `probation <ms>` | the starter | it is on probation for that long; it may not upgrade meanwhile |
 //! | `promoted` | the starter | probation passed: it is the current generation |
@@ -38,6 +39,7 @@ pub(crate) const MAX_MESSAGE: usize = 1024;
 pub(crate) enum Message {
     Ready,
     Parkable,
+    Adopts,
     Unhealthy(String),
     Probation(Duration),
     Promoted,
@@ -59,6 +61,7 @@ impl Message {
         let text = match self {
             Message::Ready => "ready".to_owned(),
             Message::Parkable => "parkable".to_owned(),
+            Message::Adopts => "adopts".to_owned(),
             Message::Unhealthy(reason) => {
                 let mut reason: String = reason
                     .chars()
@@ -110,6 +113,7 @@ impl Message {
         Some(match word {
             "ready" => Message::Ready,
             "parkable" => Message::Parkable,
+            "adopts" => Message::Adopts,
             "unhealthy" => Message::Unhealthy(rest.to_owned()),
             "probation" => Message::Probation(Duration::from_millis(rest.parse().ok()?)),
             "promoted" => Message::Promoted,
@@ -310,6 +314,7 @@ mod tests {
         for m in [
             Message::Ready,
             Message::Parkable,
+            Message::Adopts,
             Message::Unhealthy("disk full".into()),
             Message::Probation(Duration::from_millis(1500)),
             Message::Promoted,

@@ -212,6 +212,11 @@ impl Handover {
             if let Err(e) = channel::send(fd.as_fd(), &Message::Parkable) {
                 debug!(error = %e, "cannot announce parkable on the control channel");
             }
+            // And it understands connection offers (`serve`'s and the
+            // app's): a generation that does not say so is offered none.
+            if let Err(e) = channel::send(fd.as_fd(), &Message::Adopts) {
+                debug!(error = %e, "cannot announce adopts on the control channel");
+            }
         }
         if let Some(signal) = options.upgrade_signal {
             sys::ignore_if_default(signal)

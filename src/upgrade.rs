@@ -266,7 +266,9 @@ impl Handover {
         let pid = child.pid();
         info!(pid, executable = %executable.display(), sockets, "new generation started; waiting for ready");
 
-        let waited = self.wait_ready(&mut child, &control, timer).await;
+        // Whether the new generation understands connection offers.
+        let adopts = std::sync::atomic::AtomicBool::new(false);
+        let waited = self.wait_ready(&mut child, &control, timer, &adopts).await;
         let ready_after = started.elapsed();
         let timeout = inner.options.ready_timeout;
         match waited {
@@ -276,7 +278,9 @@ impl Handover {
                 slot.mark_replaced();
                 // `serve`'s connections stay open (not wound down) for the
                 // handover after the probation, if any.
-                let hold = inner.moves.wanted().then(|| inner.moves.hold());
+                // A release that does not understand offers is offered none.
+                let adopts = adopts.load(std::sync::atomic::Ordering::SeqCst);
+                let hold = (inner.moves.wanted() && adopts).then(|| inner.moves.hold());
                 let probation = self
                     .probation_phase(&mut child, &control, ready_after)
                     .await?;
@@ -448,12 +452,16 @@ impl Handover {
         child: &mut Child,
         control: &channel::Receiver,
         mut timer: Pin<Box<Sleep>>,
+        adopts: &std::sync::atomic::AtomicBool,
     ) -> Waited {
         let watch = self.watch();
         let ready = async {
             loop {
                 match control.recv().await {
                     Ok(Some(Message::Ready)) => return Waited::Ready,
+                    Ok(Some(Message::Adopts)) => {
+                        adopts.store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
                     Ok(Some(other)) => debug!(?other, "control message before ready"),
                     Ok(None) => return Waited::ChannelClosed,
                     Err(e) => return Waited::Failed(e),
