@@ -101,7 +101,19 @@ fn a_good_release_is_promoted_after_probation_under_load() {
     let gen2 = app.server.wait_ready(2);
     app.wait_stderr("this generation is parked");
     // During the window the old generation is alive and takes no new
-    // connection: every new one reaches the new generation.
+    // connection: every new one reaches the new generation. (A connection
+    // queued before the old generation's accept loop saw the park is still
+    // its own, correctly: wait for the first one the new generation takes.)
+    common::wait_for("a new connection reaching the new generation", WAIT, || {
+        let response = load::get(gen1.addr, "/", WAIT).map_err(|e| e.to_string())?;
+        let body = response.body_str();
+        if body == format!("pid={} generation=2", gen2.pid) {
+            Ok(())
+        } else {
+            Err(body.to_string())
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
     for _ in 0..20 {
         let response = load::get(gen1.addr, "/", WAIT).expect("a request during probation");
         assert_eq!(
