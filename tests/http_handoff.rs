@@ -84,7 +84,11 @@ fn connections_of(stderr: &str, generation: u64) -> (u64, u64, u64) {
 fn keep_alive_clients_keep_their_connections_across_twenty_upgrades() {
     const CONNECTIONS: usize = 64;
     const UPGRADES: u64 = 20;
-    let server = ServerProcess::example("http_server", &["--listen", "127.0.0.1:0"]);
+    // Only the lifecycle's lines: 21 generations' worth must fit the captured stderr.
+    let mut cmd = Command::new(common::example_path("http_server"));
+    cmd.args(["--listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn,handover::handover=info");
+    let server = ServerProcess::spawn(cmd);
     let first = server.wait_ready(1);
     let load = Load::start(
         LoadConfig::new(
