@@ -244,15 +244,7 @@ impl Adoptions {
                 .load(Ordering::SeqCst)
                 .then(|| self.app_tx.clone());
         }
-        let local = nix::sys::socket::getsockname::<nix::sys::socket::SockaddrStorage>(
-            std::os::fd::AsRawFd::as_raw_fd(fd),
-        )
-        .ok()
-        .and_then(|a| {
-            a.as_sockaddr_in()
-                .map(|v4| SocketAddr::V4((*v4).into()))
-                .or_else(|| a.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into())))
-        })?;
+        let local = socket2::SockRef::from(fd).local_addr().ok()?.as_socket()?;
         let mut rx = self.takers.subscribe();
         let find = |takers: &Vec<Arc<Taker>>| {
             takers

@@ -443,7 +443,6 @@ impl Handover {
                 }
             }
         }
-        let _ = (control, pid);
         Ok(ready_at.elapsed())
     }
 

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
 use std::time::Duration;
@@ -14,37 +14,16 @@ use common::{deploy, wait_for, Deploy, Exit, Ready, ServerProcess, Signal, TempD
 
 const WAIT: Duration = Duration::from_secs(20);
 
-/// Sends `GET path` on `stream` and reads one response: (head, lowercase; body).
+/// `GET path` on `stream`: (head, lowercase; body, trimmed).
 fn get(stream: &mut TcpStream, path: &str) -> (String, String) {
-    let request = format!("GET {path} HTTP/1.1\r\nhost: test\r\n\r\n");
-    stream
-        .write_all(request.as_bytes())
-        .expect("send the request");
-    read_response(stream)
+    let (head, body) = common::http::get(stream, path);
+    (head, body.trim().to_owned())
 }
 
+/// One response on `stream`: (head, lowercase; body, trimmed).
 fn read_response(stream: &mut TcpStream) -> (String, String) {
-    let mut buf = Vec::new();
-    let mut byte = [0u8; 1];
-    while !buf.ends_with(b"\r\n\r\n") {
-        let n = stream.read(&mut byte).expect("read the response head");
-        assert_eq!(
-            n,
-            1,
-            "EOF inside the response head: {:?}",
-            String::from_utf8_lossy(&buf)
-        );
-        buf.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
-    let length: usize = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("a content-length");
-    let mut body = vec![0u8; length];
-    stream.read_exact(&mut body).expect("read the body");
-    (head, String::from_utf8_lossy(&body).trim().to_owned())
+    let (head, body) = common::http::read_response(stream);
+    (head, body.trim().to_owned())
 }
 
 fn connect(addr: SocketAddr) -> TcpStream {
@@ -56,6 +35,56 @@ fn connect(addr: SocketAddr) -> TcpStream {
 
 fn body_of(ready: &Ready) -> String {
     format!("pid={} generation={}", ready.pid, ready.generation)
+}
+
+/// `http_server` run from a copy at a path of its own, so that a test can deploy other
+/// releases over it.
+struct App {
+    _dir: TempDir,
+    exe: std::path::PathBuf,
+    real: std::path::PathBuf,
+}
+
+impl App {
+    fn new(tag: &str) -> App {
+        let dir = TempDir::new(tag);
+        let exe = dir.path().join("app");
+        let real = common::example_path("http_server");
+        deploy(&exe, Deploy::Binary(&real));
+        App {
+            _dir: dir,
+            exe,
+            real,
+        }
+    }
+
+    fn command(&self) -> Command {
+        Command::new(&self.exe)
+    }
+
+    /// A release at the app's path that runs the real binary with `extra`.
+    fn deploy_release(&self, extra: &str) {
+        deploy(
+            &self.exe,
+            Deploy::Script(&format!("exec {} \"$@\" {extra}", self.real.display())),
+        );
+    }
+
+    /// The real binary again.
+    fn deploy_real(&self) {
+        deploy(&self.exe, Deploy::Binary(&self.real));
+    }
+}
+
+/// Keep-alive load with `connections` connections on `addr`, flowing.
+fn keep_alive(addr: SocketAddr, connections: usize) -> Load {
+    let load = Load::start(
+        LoadConfig::new(addr, Mode::KeepAlive { connections })
+            .max_duration(Duration::from_secs(300)),
+    );
+    load.wait_for_ok(connections as u64 * 4, WAIT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    load
 }
 
 /// A `key=N` field of a log line.
@@ -90,17 +119,7 @@ fn keep_alive_clients_keep_their_connections_across_twenty_upgrades() {
         .env("RUST_LOG", "warn,handover::handover=info");
     let server = ServerProcess::spawn(cmd);
     let first = server.wait_ready(1);
-    let load = Load::start(
-        LoadConfig::new(
-            first.addr,
-            Mode::KeepAlive {
-                connections: CONNECTIONS,
-            },
-        )
-        .max_duration(Duration::from_secs(300)),
-    );
-    load.wait_for_ok(CONNECTIONS as u64 * 4, WAIT)
-        .unwrap_or_else(|e| panic!("{e}"));
+    let load = keep_alive(first.addr, CONNECTIONS);
     let mut generations = vec![first.clone()];
     for generation in 2..=UPGRADES + 1 {
         let serving = generations.last().expect("a generation").clone();
@@ -265,11 +284,8 @@ fn a_thousand_idle_keep_alive_connections_move_in_one_upgrade() {
 /// fails, the old generation resumes with every connection, the clients see nothing.
 fn dies_mid_adoption(kill: bool) {
     const IDLE: usize = 8;
-    let dir = TempDir::new("handoff-mid-adoption");
-    let exe = dir.path().join("app");
-    let real = common::example_path("http_server");
-    deploy(&exe, Deploy::Binary(&real));
-    let mut cmd = Command::new(&exe);
+    let app = App::new("handoff-mid-adoption");
+    let mut cmd = app.command();
     // A 3 s window for busy connections to become idle keeps the handover open while a
     // 4 s request is answered; the new generation dies inside it.
     cmd.args(["--listen", "127.0.0.1:0", "--idle-grace-ms", "3000"])
@@ -286,15 +302,11 @@ fn dies_mid_adoption(kill: bool) {
     let mut slow = connect(first.addr);
     slow.write_all(b"GET /slow?ms=4000 HTTP/1.1\r\nhost: test\r\n\r\n")
         .expect("send");
-    let extra = if kill {
-        String::new()
+    app.deploy_release(if kill {
+        ""
     } else {
-        " --crash-after-ready-ms 300".to_owned()
-    };
-    deploy(
-        &exe,
-        Deploy::Script(&format!("exec {} \"$@\"{extra}", real.display())),
-    );
+        "--crash-after-ready-ms 300"
+    });
     server
         .signal_pid(first.pid, Signal::SIGHUP)
         .expect("SIGHUP");
@@ -360,11 +372,8 @@ fn a_new_generation_crashing_mid_adoption_loses_nothing() {
 #[test]
 fn on_probation_connections_stay_and_move_only_at_promotion() {
     const CONNECTIONS: usize = 16;
-    let dir = TempDir::new("handoff-probation");
-    let exe = dir.path().join("app");
-    let real = common::example_path("http_server");
-    deploy(&exe, Deploy::Binary(&real));
-    let mut cmd = Command::new(&exe);
+    let app = App::new("handoff-probation");
+    let mut cmd = app.command();
     cmd.args(["--listen", "127.0.0.1:0", "--probation-ms", "1000"])
         .args(["--health-path", "/healthz", "--health-interval-ms", "100"])
         .args([
@@ -375,24 +384,11 @@ fn on_probation_connections_stay_and_move_only_at_promotion() {
         ]);
     let server = ServerProcess::spawn(cmd);
     let first = server.wait_ready(1);
-    let load = Load::start(
-        LoadConfig::new(
-            first.addr,
-            Mode::KeepAlive {
-                connections: CONNECTIONS,
-            },
-        )
-        .max_duration(Duration::from_secs(120)),
-    );
-    load.wait_for_ok(CONNECTIONS as u64 * 4, WAIT)
-        .unwrap_or_else(|e| panic!("{e}"));
+    let load = keep_alive(first.addr, CONNECTIONS);
 
     // An unhealthy release: rolled back, and the keep-alive clients never left
     // generation 1 (the canary saw its health checks and new connections only).
-    deploy(
-        &exe,
-        Deploy::Script(&format!("exec {} \"$@\" --unhealthy", real.display())),
-    );
+    app.deploy_release("--unhealthy");
     server
         .signal_pid(first.pid, Signal::SIGHUP)
         .expect("SIGHUP");
@@ -413,7 +409,7 @@ fn on_probation_connections_stay_and_move_only_at_promotion() {
     );
 
     // A good release: promoted after its window, then every connection moves.
-    deploy(&exe, Deploy::Binary(&real));
+    app.deploy_real();
     server
         .signal_pid(first.pid, Signal::SIGHUP)
         .expect("SIGHUP");
@@ -450,29 +446,13 @@ fn on_probation_connections_stay_and_move_only_at_promotion() {
 #[test]
 fn a_release_with_handoff_off_declines_and_the_clients_reconnect_without_error() {
     const CONNECTIONS: usize = 16;
-    let dir = TempDir::new("handoff-declined-http");
-    let exe = dir.path().join("app");
-    let real = common::example_path("http_server");
-    deploy(&exe, Deploy::Binary(&real));
-    let mut cmd = Command::new(&exe);
+    let app = App::new("handoff-declined-http");
+    let mut cmd = app.command();
     cmd.args(["--listen", "127.0.0.1:0"]);
     let server = ServerProcess::spawn(cmd);
     let first = server.wait_ready(1);
-    let load = Load::start(
-        LoadConfig::new(
-            first.addr,
-            Mode::KeepAlive {
-                connections: CONNECTIONS,
-            },
-        )
-        .max_duration(Duration::from_secs(120)),
-    );
-    load.wait_for_ok(CONNECTIONS as u64 * 4, WAIT)
-        .unwrap_or_else(|e| panic!("{e}"));
-    deploy(
-        &exe,
-        Deploy::Script(&format!("exec {} \"$@\" --no-handoff", real.display())),
-    );
+    let load = keep_alive(first.addr, CONNECTIONS);
+    app.deploy_release("--no-handoff");
     server
         .signal_pid(first.pid, Signal::SIGHUP)
         .expect("SIGHUP");

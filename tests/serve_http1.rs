@@ -5,39 +5,14 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::http::get;
 use common::{Exit, ServerProcess, Signal, EXIT_TIMEOUT};
-
-/// Sends `GET path` on `stream` and reads one response: (head, body).
-fn get(stream: &mut TcpStream, path: &str) -> (String, String) {
-    write!(stream, "GET {path} HTTP/1.1\r\nhost: test\r\n\r\n").expect("send the request");
-    let mut buf = Vec::new();
-    let mut byte = [0u8; 1];
-    while !buf.ends_with(b"\r\n\r\n") {
-        let n = stream.read(&mut byte).expect("read the response head");
-        assert_eq!(
-            n,
-            1,
-            "EOF inside the response head: {:?}",
-            String::from_utf8_lossy(&buf)
-        );
-        buf.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
-    let length: usize = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("a content-length");
-    let mut body = vec![0u8; length];
-    stream.read_exact(&mut body).expect("read the body");
-    (head, String::from_utf8_lossy(&body).into_owned())
-}
 
 fn connect(addr: SocketAddr) -> TcpStream {
     let stream = TcpStream::connect(addr).expect("connect");

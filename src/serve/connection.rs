@@ -24,7 +24,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::sync::{oneshot, watch};
 
 use super::Stopping;
-use crate::handoff::{Batch, Moves, Phase, Submission, Ticket};
+use crate::handoff::{Batch, Phase, Submission, Ticket};
 use crate::{Guard, Watch};
 
 /// A connection's socket, as far as a handover goes: a TCP stream moves, a
@@ -69,19 +69,9 @@ pub(super) struct Settings<S> {
     pub(super) http2: http2::Builder<TokioExecutor>,
     pub(super) stopping: Stopping,
     pub(super) idle_grace: Duration,
-    /// Handoff on: the generation's movable connections.
-    pub(super) moves: Option<Arc<MovesRef>>,
-}
-
-/// A way to the generation's [`Moves`] from a connection task.
-pub(super) struct MovesRef {
-    pub(super) handover: crate::Handover,
-}
-
-impl MovesRef {
-    fn moves(&self) -> &Moves {
-        &self.handover.inner.moves
-    }
+    /// Handoff on (a TCP listener): the generation whose movable
+    /// connections these are.
+    pub(super) handoff: Option<crate::Handover>,
 }
 
 impl<S: Clone> Clone for Settings<S> {
@@ -92,7 +82,7 @@ impl<S: Clone> Clone for Settings<S> {
             http2: self.http2.clone(),
             stopping: self.stopping.clone(),
             idle_grace: self.idle_grace,
-            moves: self.moves.clone(),
+            handoff: self.handoff.clone(),
         }
     }
 }
@@ -117,9 +107,8 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let guard = settings.stopping.watch.guard();
-    // `moves` is set only for a TCP listener with handoff on.
-    let ticket = settings.moves.as_ref().map(|m| m.moves().ticket());
-    let phase = settings.moves.as_ref().map(|m| m.moves().subscribe());
+    let ticket = settings.handoff.as_ref().map(|h| h.inner.moves.ticket());
+    let phase = settings.handoff.as_ref().map(|h| h.inner.moves.subscribe());
     async move {
         let mut conn = Conn {
             io,
@@ -321,7 +310,7 @@ where
         };
         match I::from_fd(fd) {
             Ok(io) => {
-                let ticket = settings.moves.as_ref().map(|m| m.moves().ticket());
+                let ticket = settings.handoff.as_ref().map(|h| h.inner.moves.ticket());
                 Next::Again(Box::new(Conn {
                     io,
                     prefix,

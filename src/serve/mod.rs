@@ -277,11 +277,7 @@ where
             http2,
             stopping,
             idle_grace,
-            moves: local.map(|_| {
-                std::sync::Arc::new(connection::MovesRef {
-                    handover: handover.clone(),
-                })
-            }),
+            handoff: local.map(|_| handover.clone()),
         };
         let mut backoff = accept::Backoff::default();
         // Ends once this generation stops; waits while it is parked.
@@ -346,8 +342,8 @@ where
 {
     match <tokio::net::TcpStream as Movable>::from_fd(fd) {
         Ok(io) => {
-            if let Some(moves) = &settings.moves {
-                moves.handover.inner.counters.adopted();
+            if let Some(handover) = &settings.handoff {
+                handover.inner.counters.adopted();
             }
             tracing::debug!(peer = ?io.peer_addr().ok(), "connection adopted from the previous generation");
             tokio::spawn(connection::serve(io, bytes, settings.clone()));

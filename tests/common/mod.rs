@@ -9,6 +9,7 @@
 //!   waited for.
 #![allow(dead_code)]
 
+pub mod http;
 pub mod load;
 pub mod proc;
 pub mod wait;
